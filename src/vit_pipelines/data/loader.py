@@ -1,0 +1,116 @@
+"""Batches for training and evaluation from an Arrow image cache.
+
+Training reads an endless stream of epochs, each a seeded permutation; batch `b` holds stream positions
+`[b*B, (b+1)*B)`. Every example's random augmentation is seeded by its stream position, so batch `b` is the
+same whether a run got there straight or after a resume, on any number of workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import datasets
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from vit_pipelines.data.ops import build_pp
+
+Key = tuple[int, int]  # (row index, stream position used as the augmentation seed)
+
+
+class CachedImages(torch.utils.data.Dataset):
+    """An Arrow cache (`image` uint8 `[H, W, 3]`, `label`) seen through a pp spec such as
+    `"inception_crop(32)|flip_lr|value_range(-1,1)"`; items are fetched a batch at a time."""
+
+    def __init__(self, cache: datasets.Dataset, pp: str, seed: int = 0) -> None:
+        self.cache = cache.with_format("numpy", columns=["image", "label"])
+        self.pp = build_pp(pp)
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getitems__(self, keys: Sequence[Key]) -> dict[str, torch.Tensor]:
+        rows = self.cache[[k[0] for k in keys]]
+        images = torch.from_numpy(rows["image"]).permute(0, 3, 1, 2)
+        out = [
+            self.pp(image, np.random.default_rng([self.seed, pos])) for image, (_, pos) in zip(images, keys)
+        ]
+        return {"images": torch.stack(out), "labels": torch.from_numpy(rows["label"]).long()}
+
+    def __getitem__(self, key: Key) -> dict[str, torch.Tensor]:
+        return {k: v[0] for k, v in self.__getitems__([key]).items()}
+
+
+class StepBatchSampler(Sampler[list[Key]]):
+    """Batches `start_batch … start_batch + num_batches - 1` of the endless seeded stream of epochs."""
+
+    def __init__(
+        self, num_examples: int, batch_size: int, num_batches: int, seed: int = 0, start_batch: int = 0
+    ):
+        if num_examples < 1:
+            raise ValueError("cannot sample batches from an empty dataset")
+        self.n, self.batch_size, self.seed = num_examples, batch_size, seed
+        self.start_batch, self.num_batches = start_batch, num_batches
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[list[Key]]:
+        epoch, perm = -1, np.empty(0, np.int64)
+        for b in range(self.start_batch, self.start_batch + self.num_batches):
+            batch = []
+            for pos in range(b * self.batch_size, (b + 1) * self.batch_size):
+                if pos // self.n != epoch:
+                    epoch = pos // self.n
+                    perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+                batch.append((int(perm[pos % self.n]), pos))
+            yield batch
+
+
+class SequentialBatchSampler(Sampler[list[Key]]):
+    """Every row once, in order, in batches of `batch_size` (the last may be smaller)."""
+
+    def __init__(self, num_examples: int, batch_size: int) -> None:
+        self.n, self.batch_size = num_examples, batch_size
+
+    def __len__(self) -> int:
+        return -(-self.n // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[Key]]:
+        for start in range(0, self.n, self.batch_size):
+            yield [(i, i) for i in range(start, min(start + self.batch_size, self.n))]
+
+
+def _batch_is_ready(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return batch
+
+
+def train_loader(
+    cache: datasets.Dataset,
+    pp: str,
+    batch_size: int,
+    num_batches: int,
+    seed: int = 0,
+    start_batch: int = 0,
+    num_workers: int = 0,
+) -> DataLoader:
+    """Augmented batches of `batch_size` (all ranks together) for `num_batches` steps from `start_batch`."""
+    sampler = StepBatchSampler(len(cache), batch_size, num_batches, seed, start_batch)
+    return DataLoader(
+        CachedImages(cache, pp, seed),
+        batch_sampler=sampler,
+        collate_fn=_batch_is_ready,
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed),  # keeps the global RNG (dropout) untouched
+    )
+
+
+def eval_loader(cache: datasets.Dataset, pp: str, batch_size: int, num_workers: int = 0) -> DataLoader:
+    return DataLoader(
+        CachedImages(cache, pp),
+        batch_sampler=SequentialBatchSampler(len(cache), batch_size),
+        collate_fn=_batch_is_ready,
+        num_workers=num_workers,
+    )

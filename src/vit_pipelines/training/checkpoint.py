@@ -1,0 +1,100 @@
+"""Checkpoints on disk: model weights as safetensors beside `config.json`; training state for exact resume.
+
+Nothing here unpickles arbitrary objects: weights are safetensors and optimiser state is read with
+`torch.load(weights_only=True)`. Every write goes to a temporary folder renamed into place, so a crash never
+leaves a half-written checkpoint where a resume would find it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from vit_pipelines.models.config import ViTConfig
+from vit_pipelines.models.vit import VisionTransformer
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+OPTIMIZER = "optimizer.pt"
+STATE = "trainer_state.json"
+
+
+def _write_model(model: VisionTransformer, folder: Path) -> None:
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(folder / WEIGHTS), metadata={"format": "pt"})
+    (folder / CONFIG).write_text(model.config.to_json())
+
+
+def _replace_atomically(folder: Path, fill: Any) -> None:
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    fill(tmp)
+    old = folder.with_name(folder.name + ".old")
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_model(model: VisionTransformer, folder: str | Path) -> None:
+    """`folder/model.safetensors` + `folder/config.json`; other files in `folder` (checkpoints/) stay."""
+    folder = Path(folder)
+    tmp = folder / ".saving"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    _write_model(model, tmp)
+    for name in (CONFIG, WEIGHTS):  # weights last: their presence marks a complete checkpoint
+        (tmp / name).replace(folder / name)
+    tmp.rmdir()
+
+
+def load_model(folder: str | Path) -> VisionTransformer:
+    folder = Path(folder)
+    if not (folder / WEIGHTS).exists():
+        raise FileNotFoundError(f"no {WEIGHTS} in {folder}")
+    model = VisionTransformer(ViTConfig.from_dict(json.loads((folder / CONFIG).read_text())))
+    model.load_state_dict(load_file(str(folder / WEIGHTS)))
+    return model
+
+
+def save_training_state(
+    root: str | Path,
+    step: int,
+    model: VisionTransformer,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    """Write `root/step_XXXXXXX/` (weights, optimiser, `trainer_state.json`) and keep the newest `keep`."""
+    folder = Path(root) / f"step_{step:07d}"
+
+    def fill(tmp: Path) -> None:
+        _write_model(model, tmp)
+        torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
+        (tmp / STATE).write_text(json.dumps({**state, "step": step}, indent=1))
+
+    _replace_atomically(folder, fill)
+    for stale in sorted(Path(root).glob("step_???????"))[:-keep] if keep > 0 else []:
+        shutil.rmtree(stale, ignore_errors=True)
+    return folder
+
+
+def latest_training_state(root: str | Path) -> Path | None:
+    """The newest complete `step_*` folder under `root`, or None."""
+    done = [p for p in sorted(Path(root).glob("step_???????")) if (p / STATE).exists()]
+    return done[-1] if done else None
+
+
+def load_training_state(
+    folder: Path, model: VisionTransformer, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
+    """Restore weights and optimiser state in place; returns the saved `trainer_state.json`."""
+    model.load_state_dict(load_file(str(folder / WEIGHTS)))
+    optimizer.load_state_dict(torch.load(folder / OPTIMIZER, weights_only=True, map_location="cpu"))
+    return json.loads((folder / STATE).read_text())

@@ -1,0 +1,251 @@
+"""One plain training function over `accelerate.Accelerator`, shared by pretraining and fine-tuning.
+
+The global batch is `micro_batch_size x accumulation x processes`; the learning rate is set from the step
+each update (stateless, so a resume is exact); dropout is re-seeded from the step; metrics stay on the device
+and reach the host only every `log_every` steps, so the loop has no per-step host sync (XLA-friendly).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import DataLoaderConfiguration
+from tqdm.auto import tqdm
+
+from vit_pipelines.data.loader import train_loader
+from vit_pipelines.models.vit import VisionTransformer
+from vit_pipelines.training.checkpoint import latest_training_state, load_training_state, save_training_state
+from vit_pipelines.training.losses import classification_loss
+from vit_pipelines.training.optim import build_optimizer, lr_multiplier
+
+log = logging.getLogger(__name__)
+Evaluator = Callable[[VisionTransformer, Accelerator], dict[str, float]]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of one run. `batch_size` is GLOBAL (all processes, all accumulation steps)."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    micro_batch_size: int | None = None  # per process; None = batch_size / processes (no accumulation)
+    optimizer: str = "adam"
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = 0.9
+    weight_decay: float = 0.0  # decoupled, AdamW units = the paper's number (see build_optimizer)
+    warmup_steps: int = 0
+    decay: str = "cosine"
+    end_lr_fraction: float = 0.0
+    grad_clip: float | None = 1.0
+    loss: str = "softmax"
+    label_smoothing: float = 0.0
+    pp_train: str = "value_range(-1,1)"
+    mixed_precision: str = "auto"  # "auto" = bf16 where the hardware runs it fast, else "no"
+    log_every: int = 50
+    eval_every: int = 0
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    seed: int = 0
+    num_workers: int = 0
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(params) - known
+        if unknown:
+            raise ValueError(f"unknown training parameters {sorted(unknown)}; known: {sorted(known)}")
+        values = dict(params)
+        if "betas" in values:
+            values["betas"] = tuple(values["betas"])
+        return cls(**values)
+
+
+@dataclass
+class TrainResult:
+    model: VisionTransformer
+    history: list[dict[str, float]] = field(default_factory=list)
+    resumed_from_step: int = 0
+    wall_seconds: float = 0.0
+    images_per_second: float = 0.0
+
+
+def resolve_mixed_precision(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    # AVX512-BF16 / AMX make bf16 matmuls several times faster than float32 on CPU.
+    return "bf16" if torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX") else "no"
+
+
+def make_accelerator(mixed_precision: str = "auto") -> Accelerator:
+    """An Accelerator that splits each global batch across processes. Accelerate keeps one state per
+    process; a run asking for another precision than the last one resets it (the process group stays)."""
+    precision = resolve_mixed_precision(mixed_precision)
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") not in (None, precision):
+        AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(
+        mixed_precision=precision, dataloader_config=DataLoaderConfiguration(split_batches=True)
+    )
+
+
+def run_fingerprint(
+    model: VisionTransformer, config: TrainConfig, num_examples: int, extra: Any = None
+) -> str:
+    """Identifies "the same configuration" for resuming: model shape, training settings, data size."""
+    keep = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("log_every", "num_workers")}
+    blob = json.dumps([model.config.to_dict(), keep, num_examples, extra], sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def train(
+    model: VisionTransformer,
+    train_cache: datasets.Dataset,
+    config: TrainConfig,
+    *,
+    checkpoint_dir: str | Path | None = None,
+    evaluators: dict[str, Evaluator] | None = None,
+    accelerator: Accelerator | None = None,
+    stop_after: int | None = None,
+    description: str = "train",
+) -> TrainResult:
+    """Train `model` on `train_cache` for `config.steps` optimiser steps and return it (unwrapped, on CPU).
+
+    With `checkpoint_dir`, a checkpoint is written every `checkpoint_every` steps under
+    `checkpoint_dir/<fingerprint>/` and the run resumes from the newest one of the same configuration.
+    `evaluators` run every `eval_every` steps and at the end; their numbers join the history.
+    `stop_after` ends the run early after that many steps (as a crash would), for tests and time limits.
+    """
+    accelerator = accelerator or make_accelerator(config.mixed_precision)
+    world = accelerator.num_processes
+    micro = config.micro_batch_size or config.batch_size // world
+    if micro < 1 or config.batch_size % (micro * world):
+        raise ValueError(
+            f"batch_size {config.batch_size} must be a multiple of micro_batch_size {micro} x {world} processes"
+        )
+    accumulation = config.batch_size // (micro * world)
+    torch.manual_seed(config.seed)
+    optimizer = build_optimizer(
+        model, config.optimizer, config.lr, config.weight_decay, config.betas, config.momentum
+    )
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+
+    run_dir, start = None, 0
+    if checkpoint_dir is not None:
+        run_dir = Path(checkpoint_dir) / run_fingerprint(model, config, len(train_cache))
+        latest = latest_training_state(run_dir)
+        if latest is not None:
+            start = load_training_state(latest, model, optimizer)["step"]
+            log.info("resuming from %s (step %d of %d)", latest, start, config.steps)
+    history: list[dict[str, float]] = json.loads((run_dir / "history.json").read_text()) if start else []
+
+    model, optimizer = accelerator.prepare(model, optimizer)
+    loader = train_loader(
+        train_cache, config.pp_train, micro * world, (config.steps - start) * accumulation,
+        seed=config.seed, start_batch=start * accumulation, num_workers=config.num_workers,
+    )  # fmt: skip
+    batches = iter(accelerator.prepare_data_loader(loader))
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def evaluate(step: int) -> dict[str, float]:
+        results = {"step": step}
+        for name, evaluator in (evaluators or {}).items():
+            results.update(
+                {f"{name}_{k}" if k != name else k: v for k, v in evaluator(model, accelerator).items()}
+            )
+        return results
+
+    end = config.steps if stop_after is None else min(config.steps, start + stop_after)
+    bar = tqdm(total=config.steps, initial=start, desc=description, disable=not accelerator.is_main_process)
+    sums = torch.zeros(3, device=accelerator.device)  # loss sum, correct, examples since the last log
+    t_start = t_log = time.perf_counter()
+    images_since_log, images_total, train_seconds = 0, 0, 0.0
+    model.train()
+    for step in range(start, end):
+        multiplier = lr_multiplier(
+            step, config.steps, config.warmup_steps, config.decay, config.end_lr_fraction
+        )
+        for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+            group["lr"] = base * multiplier
+        torch.manual_seed(config.seed * 1_000_003 + step)  # dropout masks depend on the step only
+        for micro_step in range(accumulation):
+            batch = next(batches)
+            last = micro_step == accumulation - 1
+            with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                logits = model(batch["images"])
+                loss = classification_loss(logits, batch["labels"], config.loss, config.label_smoothing)
+                accelerator.backward(loss / accumulation)
+            n = batch["labels"].shape[0]
+            sums += torch.stack(
+                [loss.detach() * n, (logits.argmax(-1) == batch["labels"]).sum(), sums.new_tensor(n)]
+            )
+        if config.grad_clip:
+            accelerator.clip_grad_norm_(params, config.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        images_since_log += config.batch_size
+        done = step + 1
+        is_last = done == config.steps
+        bar.update(1)
+
+        if done % config.log_every == 0 or is_last or done == end:
+            loss_sum, correct, seen = accelerator.reduce(sums, reduction="sum").tolist()
+            now = time.perf_counter()
+            record = {
+                "step": done,
+                "loss": loss_sum / seen,
+                "accuracy": correct / seen,
+                "lr": config.lr * multiplier,
+                "images_per_second": images_since_log / (now - t_log),
+            }
+            images_total += images_since_log
+            train_seconds += now - t_log
+            sums.zero_()
+            t_log, images_since_log = now, 0
+            history.append(record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}",
+                            lr=f"{record['lr']:.2e}", img_s=f"{record['images_per_second']:.0f}")  # fmt: skip
+        if evaluators and (is_last or (config.eval_every and done % config.eval_every == 0)):
+            history.append(evaluate(done))
+            model.train()
+        if (
+            run_dir is not None
+            and config.checkpoint_every
+            and (done % config.checkpoint_every == 0 or is_last)
+        ):
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                state = {"fingerprint": run_dir.name, "config": dataclasses.asdict(config)}
+                save_training_state(
+                    run_dir, done, accelerator.unwrap_model(model), optimizer, state, config.keep_checkpoints
+                )
+                (run_dir / "history.json").write_text(json.dumps(history))
+        t_log = time.perf_counter()  # evaluation and checkpoint time do not count against throughput
+    bar.close()
+    wall = time.perf_counter() - t_start
+    unwrapped = accelerator.unwrap_model(model).to("cpu").eval()
+    throughput = images_total / train_seconds if train_seconds > 0 else 0.0
+    return TrainResult(
+        unwrapped, history, resumed_from_step=start, wall_seconds=wall, images_per_second=throughput
+    )
+
+
+def steps_for_epochs(epochs: float, num_examples: int, batch_size: int) -> int:
+    """Optimiser steps that cover `epochs` passes over `num_examples` at global `batch_size`."""
+    return max(1, math.ceil(epochs * num_examples / batch_size))

@@ -1,0 +1,202 @@
+"""The training loop: weight-decay groups, schedules, losses, gradient accumulation and exact resume."""
+
+import math
+
+import datasets
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vit_pipelines.models import VisionTransformer, ViTConfig
+from vit_pipelines.training import TrainConfig, train
+from vit_pipelines.training.checkpoint import latest_training_state, load_model, save_model
+from vit_pipelines.training.losses import classification_loss
+from vit_pipelines.training.optim import build_optimizer, lr_multiplier, param_groups
+
+
+def tiny_model(seed: int = 0, **overrides) -> VisionTransformer:
+    torch.manual_seed(seed)
+    fields = dict(depth=2, width=32, mlp_dim=64, num_heads=2, representation_size=16)
+    fields.update(overrides)
+    model = VisionTransformer(ViTConfig.from_variant("Ti/4", image_size=8, num_classes=3, **fields))
+    torch.nn.init.normal_(model.head.weight, std=0.1)  # a zero head would leave most gradients zero at step 1
+    return model
+
+
+def tiny_cache(n: int = 48, seed: int = 0) -> datasets.Dataset:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, n)
+    images = rng.integers(0, 60, (n, 8, 8, 3), dtype=np.uint8)
+    images[np.arange(n), :, :, labels] += 150  # the label is the brightest channel: learnable
+    features = datasets.Features(image=datasets.Array3D((8, 8, 3), "uint8"), label=datasets.Value("int64"))
+    return datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
+
+
+def config(**overrides) -> TrainConfig:
+    fields = dict(
+        steps=6, batch_size=16, lr=1e-3, warmup_steps=2, weight_decay=0.1, mixed_precision="no", log_every=2,
+        pp_train="random_crop(8)|flip_lr|value_range(-1,1)",
+    )  # fmt: skip
+    fields.update(overrides)
+    return TrainConfig(**fields)
+
+
+def test_weight_decay_skips_biases_norms_posemb_and_cls_token():
+    model = tiny_model()
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert {
+        "pos_embed",
+        "cls_token",
+        "norm.weight",
+        "norm.bias",
+        "head.bias",
+        "blocks.0.attn.qkv.bias",
+    } <= skipped
+    assert {"patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.1.mlp.3.weight", "head.weight",
+            "pre_logits.0.weight"} <= decayed  # fmt: skip
+    assert not any("norm" in n or n.endswith("bias") or "pos_embed" in n for n in decayed)
+    assert len(decayed) + len(skipped) == len(list(model.parameters()))
+    learn2d = dict(zip(["decay", "no_decay"], param_groups(tiny_model(posemb="learn2d"), 0.1), strict=True))
+    assert all(p.ndim >= 2 for p in learn2d["decay"]["params"])
+    assert (
+        len(learn2d["no_decay"]["params"]) == len(param_groups(tiny_model(), 0.1)[1]["params"]) + 1
+    )  # row+col
+
+
+def test_adam_decay_shrinks_kernels_by_lr_times_wd_and_leaves_the_rest():
+    model = tiny_model()
+    optimizer = build_optimizer(model, "adam", lr=1e-2, weight_decay=0.1)
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.param_groups[0]["betas"] == (0.9, 0.999)
+    kernel, bias = model.blocks[0].mlp[0].weight, model.blocks[0].mlp[0].bias
+    before = kernel.detach().clone(), bias.detach().clone()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # zero gradients: only the decay moves anything
+    optimizer.step()
+    torch.testing.assert_close(kernel, before[0] * (1 - 1e-2 * 0.1))
+    torch.testing.assert_close(bias, before[1])
+    sgd = build_optimizer(tiny_model(), "sgd", lr=0.01, momentum=0.9)
+    assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["momentum"] == 0.9
+
+
+@pytest.mark.parametrize(
+    ("step", "decay", "expected"),
+    [
+        (0, "cosine", 0.0),
+        (5, "cosine", 0.5),
+        (10, "cosine", 1.0),
+        (55, "cosine", 0.5),
+        (100, "cosine", 0.0),
+        (32.5, "cosine", 0.5 * (1 + math.cos(math.pi * 0.25))),
+        (55, "linear", 0.5),
+        (100, "linear", 0.0),
+        (77.5, "linear", 0.25),
+        (50, "constant", 1.0),
+    ],
+)
+def test_schedule_values(step, decay, expected):
+    assert lr_multiplier(step, total_steps=100, warmup_steps=10, decay=decay) == pytest.approx(expected)
+
+
+def test_schedule_end_value_and_no_warmup():
+    assert lr_multiplier(100, 100, 0, "linear", end=0.1) == pytest.approx(0.1)
+    assert lr_multiplier(0, 100, 0, "cosine") == 1.0
+    with pytest.raises(ValueError, match="decay"):
+        lr_multiplier(0, 10, 0, "step")
+
+
+def test_losses_softmax_sigmoid_and_label_smoothing():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])
+    labels = torch.tensor([0, 2])
+    torch.testing.assert_close(classification_loss(logits, labels), F.cross_entropy(logits, labels))
+    manual = -(
+        F.logsigmoid(logits) * F.one_hot(labels, 3) + F.logsigmoid(-logits) * (1 - F.one_hot(labels, 3))
+    )
+    torch.testing.assert_close(classification_loss(logits, labels, "sigmoid"), manual.sum(-1).mean())
+    smooth = classification_loss(logits, labels, label_smoothing=0.3)
+    log_p = logits.log_softmax(-1)
+    expected = -(0.7 * log_p.gather(1, labels[:, None]).squeeze(1) + 0.3 * log_p.mean(-1)).mean()
+    torch.testing.assert_close(smooth, expected)
+
+
+def test_training_learns_a_separable_task():
+    cache = tiny_cache(96)
+    result = train(tiny_model(), cache, config(steps=40, lr=3e-3, log_every=10, warmup_steps=5))
+    losses = [r["loss"] for r in result.history]
+    assert losses[-1] < 0.5 * losses[0]
+    assert result.history[-1]["accuracy"] > 0.9
+    assert result.images_per_second > 0
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    # SGD, so the comparison is of the gradients themselves: Adam divides near-zero gradients (the key bias's
+    # are exactly zero in theory) by their own magnitude and would amplify rounding noise.
+    cache = tiny_cache()
+    sgd = dict(steps=3, batch_size=16, optimizer="sgd", lr=0.1, warmup_steps=0)
+    big = train(tiny_model(), cache, config(**sgd))
+    accumulated = train(tiny_model(), cache, config(**sgd, micro_batch_size=4))
+    for (name, a), b in zip(
+        big.model.state_dict().items(), accumulated.model.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
+    assert not torch.equal(big.model.head.weight, tiny_model().head.weight)  # training moved the weights
+
+
+def test_resume_after_a_kill_gives_the_same_weights(tmp_path):
+    cache = tiny_cache()
+    run = config(steps=8, checkpoint_every=3)
+    straight = train(tiny_model(dropout=0.1), cache, run)
+    # Killed after 5 steps: the newest checkpoint is step 3, and re-running resumes from it.
+    killed = train(tiny_model(dropout=0.1), cache, run, checkpoint_dir=tmp_path, stop_after=5)
+    assert killed.resumed_from_step == 0
+    assert latest_training_state(next(tmp_path.iterdir())).name == "step_0000003"
+    resumed = train(tiny_model(seed=123, dropout=0.1), cache, run, checkpoint_dir=tmp_path)
+    assert resumed.resumed_from_step == 3
+    for (name, a), b in zip(
+        straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6, msg=name)
+    assert [r["step"] for r in resumed.history if "loss" in r] == [2, 4, 6, 8]
+    # A different configuration does not pick up these checkpoints.
+    other = train(
+        tiny_model(dropout=0.1), cache, config(steps=8, checkpoint_every=3, lr=2e-3), checkpoint_dir=tmp_path
+    )
+    assert other.resumed_from_step == 0
+
+
+def test_checkpoint_keeps_only_the_newest(tmp_path):
+    train(
+        tiny_model(),
+        tiny_cache(),
+        config(steps=8, checkpoint_every=2, keep_checkpoints=2),
+        checkpoint_dir=tmp_path,
+    )
+    run_dir = next(tmp_path.iterdir())
+    assert sorted(p.name for p in run_dir.glob("step_*")) == ["step_0000006", "step_0000008"]
+
+
+def test_model_checkpoint_round_trip_keeps_other_files(tmp_path):
+    model = tiny_model(posemb="sincos2d", pool="gap")
+    (tmp_path / "checkpoints").mkdir()
+    save_model(model, tmp_path)
+    loaded = load_model(tmp_path)
+    assert loaded.config == model.config and (tmp_path / "checkpoints").exists()
+    images = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(loaded.eval()(images), model.eval()(images))
+
+
+def test_batch_size_must_split_evenly():
+    with pytest.raises(ValueError, match="multiple of micro_batch_size"):
+        train(tiny_model(), tiny_cache(), config(batch_size=16, micro_batch_size=5))
+    with pytest.raises(ValueError, match="unknown training parameters"):
+        TrainConfig.from_params({"steps": 1, "batch_size": 2, "lr": 0.1, "learning_rate": 0.1})
+
+
+def test_bf16_autocast_training_runs_on_cpu():
+    result = train(tiny_model(), tiny_cache(), config(steps=2, mixed_precision="bf16"))
+    assert all(p.dtype == torch.float32 for p in result.model.parameters())  # master weights stay float32
+    assert math.isfinite(result.history[-1]["loss"])
