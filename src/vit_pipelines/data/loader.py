@@ -35,7 +35,8 @@ class CachedImages(torch.utils.data.Dataset):
         rows = self.cache[[k[0] for k in keys]]
         images = torch.from_numpy(rows["image"]).permute(0, 3, 1, 2)
         out = [
-            self.pp(image, np.random.default_rng([self.seed, pos])) for image, (_, pos) in zip(images, keys)
+            self.pp(image, np.random.default_rng([self.seed, pos]))
+            for image, (_, pos) in zip(images, keys, strict=True)
         ]
         return {"images": torch.stack(out), "labels": torch.from_numpy(rows["label"]).long()}
 
