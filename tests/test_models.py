@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from vit_pipelines.models import ViTConfig, VisionTransformer
+from vit_pipelines.models import VisionTransformer, ViTConfig
 from vit_pipelines.models.posemb import posemb_sincos_2d
 
 
@@ -55,7 +55,9 @@ def test_variant_table_and_bad_names():
 
 
 def test_config_json_round_trip():
-    config = ViTConfig.from_variant("S/16", image_size=(64, 96), num_classes=3, posemb="sincos2d", hybrid=None)
+    config = ViTConfig.from_variant(
+        "S/16", image_size=(64, 96), num_classes=3, posemb="sincos2d", hybrid=None
+    )
     assert ViTConfig.from_dict(__import__("json").loads(config.to_json())) == config
 
 
@@ -100,7 +102,9 @@ def test_posemb_without_position_information_is_permutation_equivariant():
     a, b = model.forward_features(patches)["pre_logits"], model.forward_features(swapped)["pre_logits"]
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     learned = small(posemb="learn", pool="gap").eval()
-    assert not torch.allclose(learned.forward_features(patches)["pre_logits"], learned.forward_features(swapped)["pre_logits"])
+    assert not torch.allclose(
+        learned.forward_features(patches)["pre_logits"], learned.forward_features(swapped)["pre_logits"]
+    )
 
 
 def test_learn2d_concatenates_row_and_column_halves():
@@ -114,7 +118,9 @@ def test_sincos2d_matches_big_vision_formula():
     pe = posemb_sincos_2d((3, 5), 8)[0]
     omega = 1.0 / 10_000 ** torch.tensor([0.0, 1.0])  # width/4 = 2 frequencies
     y, x = 2, 3  # row 2, column 3 → token 2*5+3
-    expected = torch.cat([torch.sin(x * omega), torch.cos(x * omega), torch.sin(y * omega), torch.cos(y * omega)])
+    expected = torch.cat(
+        [torch.sin(x * omega), torch.cos(x * omega), torch.sin(y * omega), torch.cos(y * omega)]
+    )
     torch.testing.assert_close(pe[13], expected.float())
 
 
@@ -140,9 +146,13 @@ def test_dropout_sits_after_dense_layers_and_posemb_but_not_qkv():
     assert all(m.p == 0.1 for m in model.modules() if isinstance(m, nn.Dropout))
     images = torch.randn(4, 3, 32, 32)
     model.train()
-    assert not torch.allclose(model.forward_features(images)["tokens"], model.forward_features(images)["tokens"])
+    assert not torch.allclose(
+        model.forward_features(images)["tokens"], model.forward_features(images)["tokens"]
+    )
     model.eval()
-    torch.testing.assert_close(model.forward_features(images)["tokens"], model.forward_features(images)["tokens"])
+    torch.testing.assert_close(
+        model.forward_features(images)["tokens"], model.forward_features(images)["tokens"]
+    )
 
 
 def test_vit_jax_initialisation():
@@ -160,7 +170,9 @@ def test_vit_jax_initialisation():
     assert model.blocks[0].attn.qkv.weight.abs().max() <= qkv_bound
     conv = model.patch_embed.proj.weight
     assert abs(conv.std().item() - math.sqrt(1 / (3 * 16 * 16))) < 0.1 * math.sqrt(1 / (3 * 16 * 16))
-    sigmoid = VisionTransformer(ViTConfig.from_variant("Ti/16", image_size=32, num_classes=4, head_bias_init=-10.0))
+    sigmoid = VisionTransformer(
+        ViTConfig.from_variant("Ti/16", image_size=32, num_classes=4, head_bias_init=-10.0)
+    )
     assert torch.all(sigmoid.head.bias == -10.0)
 
 

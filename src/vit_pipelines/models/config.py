@@ -66,7 +66,9 @@ class ViTConfig:
             raise ValueError(f"posemb 'learn2d' needs an even width, got {self.width}")
         for size, patch in zip(self.image_size, self.patch_size, strict=True):
             if size % patch:
-                raise ValueError(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
+                raise ValueError(
+                    f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}"
+                )
         if not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.attention_dropout < 1.0:
             raise ValueError("dropout rates must be in [0, 1)")
 

@@ -9,7 +9,9 @@ from torch import nn
 def posemb_sincos_2d(grid: tuple[int, int], width: int, temperature: float = 10_000.0) -> torch.Tensor:
     """big_vision's `posemb_sincos_2d`: `[1, h*w, width]`, quarters sin(x), cos(x), sin(y), cos(y)."""
     h, w = grid
-    y, x = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
+    y, x = torch.meshgrid(
+        torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij"
+    )
     quarter = width // 4
     omega = 1.0 / temperature ** (torch.arange(quarter, dtype=torch.float64) / max(quarter - 1, 1))
     x = x.reshape(-1, 1) * omega

@@ -29,7 +29,9 @@ class Attention(nn.Module):
         self.attention_dropout = attention_dropout
         self.proj_drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, x: torch.Tensor, return_attention: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
         p = self.attention_dropout if self.training else 0.0
@@ -45,7 +47,11 @@ class Attention(nn.Module):
 class Mlp(nn.Sequential):
     def __init__(self, width: int, mlp_dim: int, dropout: float) -> None:
         super().__init__(
-            nn.Linear(width, mlp_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(mlp_dim, width), nn.Dropout(dropout)
+            nn.Linear(width, mlp_dim),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(mlp_dim, width),
+            nn.Dropout(dropout),
         )
 
 
@@ -59,7 +65,9 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(config.width, eps=LN_EPS)
         self.mlp = Mlp(config.width, config.mlp_dim, config.dropout)
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, x: torch.Tensor, return_attention: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         y, weights = self.attn(self.norm1(x), return_attention)
         x = x + y
         return x + self.mlp(self.norm2(x)), weights
@@ -74,7 +82,9 @@ class PatchEmbed(nn.Module):
         in_chans, kernel = config.in_chans, config.patch_size
         if self.stem is not None:
             if any(p % self.stem.reduction for p in config.patch_size):
-                raise ValueError(f"hybrid patch_size {config.patch_size} must be a multiple of {self.stem.reduction}")
+                raise ValueError(
+                    f"hybrid patch_size {config.patch_size} must be a multiple of {self.stem.reduction}"
+                )
             in_chans = self.stem.out_channels
             kernel = tuple(p // self.stem.reduction for p in config.patch_size)
         self.proj = nn.Conv2d(in_chans, config.width, kernel_size=kernel, stride=kernel)
@@ -124,7 +134,9 @@ class VisionTransformer(nn.Module):
                     nn.init.normal_(module.bias, std=1e-6)
                 else:
                     nn.init.zeros_(module.bias)
-        if self.config.representation_size:  # vit_jax's pre_logits Dense keeps flax's default lecun-normal kernel
+        if (
+            self.config.representation_size
+        ):  # vit_jax's pre_logits Dense keeps flax's default lecun-normal kernel
             _lecun_normal_(self.pre_logits[0].weight)
         _lecun_normal_(self.patch_embed.proj.weight)
         nn.init.zeros_(self.patch_embed.proj.bias)
@@ -163,7 +175,11 @@ class VisionTransformer(nn.Module):
             attention.append(weights)
         x = self.norm(x)
         pooled = x[:, 0] if self.cls_token is not None else x.mean(dim=1)
-        out: dict[str, object] = {"tokens": x, "pre_logits": self.pre_logits(pooled), "grid": self.config.grid_size}
+        out: dict[str, object] = {
+            "tokens": x,
+            "pre_logits": self.pre_logits(pooled),
+            "grid": self.config.grid_size,
+        }
         if return_attention:
             out["attention"] = attention
         return out

@@ -175,7 +175,7 @@ def train(
     bar = tqdm(total=config.steps, initial=start, desc=description, disable=not accelerator.is_main_process)
     sums = torch.zeros(3, device=accelerator.device)  # loss sum, correct, examples since the last log
     t_start = t_log = time.perf_counter()
-    images_since_log, images_total, train_seconds = 0, 0, 0.0
+    images_since_log = 0
     model.train()
     for step in range(start, end):
         multiplier = lr_multiplier(
@@ -206,18 +206,18 @@ def train(
 
         if done % config.log_every == 0 or is_last or done == end:
             loss_sum, correct, seen = accelerator.reduce(sums, reduction="sum").tolist()
-            now = time.perf_counter()
+            seconds = time.perf_counter() - t_log
             record = {
                 "step": done,
                 "loss": loss_sum / seen,
                 "accuracy": correct / seen,
                 "lr": config.lr * multiplier,
-                "images_per_second": images_since_log / (now - t_log),
+                "images_per_second": images_since_log / seconds,
+                "images": images_since_log,
+                "seconds": seconds,
             }
-            images_total += images_since_log
-            train_seconds += now - t_log
             sums.zero_()
-            t_log, images_since_log = now, 0
+            t_log, images_since_log = time.perf_counter(), 0
             history.append(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}",
                             lr=f"{record['lr']:.2e}", img_s=f"{record['images_per_second']:.0f}")  # fmt: skip
@@ -240,7 +240,8 @@ def train(
     bar.close()
     wall = time.perf_counter() - t_start
     unwrapped = accelerator.unwrap_model(model).to("cpu").eval()
-    throughput = images_total / train_seconds if train_seconds > 0 else 0.0
+    logs = [r for r in history if "seconds" in r]  # every session of a resumed run
+    throughput = sum(r["images"] for r in logs) / max(sum(r["seconds"] for r in logs), 1e-9)
     return TrainResult(
         unwrapped, history, resumed_from_step=start, wall_seconds=wall, images_per_second=throughput
     )
