@@ -1,0 +1,97 @@
+"""Kedro datasets for the catalog: image sources, Arrow caches and ViT checkpoints.
+
+The only module below `pipelines/` that imports Kedro; it adapts the Kedro-free layers to the catalog.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import datasets
+from kedro.io import AbstractDataset, DatasetError
+
+from vit_pipelines.data.sources import load_image_dataset
+from vit_pipelines.models.vit import VisionTransformer
+from vit_pipelines.training.checkpoint import WEIGHTS, load_model, save_model
+
+
+class ImageSourceDataset(AbstractDataset[None, datasets.Dataset]):
+    """Read-only: an image dataset from `source` (`embedded:…`, `parquet:…`, `arrow:…`, `imagefolder:…`,
+    `hub:…`), with columns renamed to `image` and `label`. See `vit_pipelines.data.sources`."""
+
+    def __init__(
+        self,
+        source: str,
+        split: str | None = None,
+        image_column: str = "image",
+        label_column: str = "label",
+        limit: int | None = None,
+        options: dict[str, Any] | None = None,
+        cache_dir: str = "data/01_raw/embedded",
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        self._kwargs = dict(
+            split=split, image_column=image_column, label_column=label_column, limit=limit, options=options,
+            cache_dir=cache_dir,
+        )  # fmt: skip
+        self._source = source
+        self.metadata = metadata
+
+    def load(self) -> datasets.Dataset:
+        return load_image_dataset(self._source, **self._kwargs)
+
+    def save(self, data: datasets.Dataset) -> None:
+        raise DatasetError(f"{self._source!r} is a read-only image source")
+
+    def _describe(self) -> dict[str, Any]:
+        return {"source": self._source, **self._kwargs}
+
+
+class ArrowDataset(AbstractDataset[datasets.Dataset, datasets.Dataset]):
+    """A Hugging Face Dataset kept with `save_to_disk` in `path` (memory-mapped on load)."""
+
+    def __init__(self, path: str, metadata: dict[str, Any] | None = None) -> None:
+        self._path = Path(path)
+        self.metadata = metadata
+
+    def load(self) -> datasets.Dataset:
+        if not self._path.exists():
+            raise DatasetError(f"no Arrow dataset at {self._path}; run the pipeline that writes it first")
+        return datasets.load_from_disk(str(self._path))
+
+    def save(self, data: datasets.Dataset) -> None:
+        tmp = self._path.with_name(self._path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        data.save_to_disk(str(tmp))
+        shutil.rmtree(self._path, ignore_errors=True)
+        tmp.rename(self._path)
+
+    def _exists(self) -> bool:
+        return self._path.exists()
+
+    def _describe(self) -> dict[str, Any]:
+        return {"path": str(self._path)}
+
+
+class ViTModelDataset(AbstractDataset[VisionTransformer, VisionTransformer]):
+    """A `VisionTransformer` as `path/model.safetensors` + `path/config.json`."""
+
+    def __init__(self, path: str, metadata: dict[str, Any] | None = None) -> None:
+        self._path = Path(path)
+        self.metadata = metadata
+
+    def load(self) -> VisionTransformer:
+        if not (self._path / WEIGHTS).exists():
+            raise DatasetError(f"no checkpoint at {self._path}; run `kedro run --pipeline pretrain` first")
+        return load_model(self._path)
+
+    def save(self, data: VisionTransformer) -> None:
+        save_model(data, self._path)
+
+    def _exists(self) -> bool:
+        return (self._path / WEIGHTS).exists()
+
+    def _describe(self) -> dict[str, Any]:
+        return {"path": str(self._path)}

@@ -1,0 +1,5 @@
+"""`kedro run --pipeline pretrain`: preprocess → train → evaluate on the pretraining dataset."""
+
+from vit_pipelines.pipelines.pretrain.pipeline import create_pipeline
+
+__all__ = ["create_pipeline"]

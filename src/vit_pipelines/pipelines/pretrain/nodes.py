@@ -1,0 +1,94 @@
+"""Nodes of the `pretrain` pipeline: thin wrappers over `data`, `models`, `training` and `evaluation`."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import datasets
+import matplotlib.pyplot as plt
+
+from vit_pipelines.data.cache import cache_images, num_classes, split_minival
+from vit_pipelines.evaluation.classification import evaluate_accuracy
+from vit_pipelines.evaluation.plots import plot_curves
+from vit_pipelines.models import VisionTransformer, ViTConfig
+from vit_pipelines.training.loop import TrainConfig, train
+from vit_pipelines.training.losses import SIGMOID_HEAD_BIAS
+
+log = logging.getLogger(__name__)
+
+
+def preprocess(
+    raw: datasets.Dataset, params: dict[str, Any]
+) -> tuple[datasets.Dataset, datasets.Dataset, dict]:
+    """Decode and resize every image once (`params["pp_cache"]`), then hold out a stratified minival split."""
+    cache, report = cache_images(raw, params["pp_cache"], num_proc=params.get("num_proc"))
+    train_split, minival = split_minival(cache, params["minival_fraction"], params.get("seed", 0))
+    report.update(train_images=len(train_split), minival_images=len(minival), num_classes=num_classes(cache))
+    if report["skipped"]:
+        log.warning(
+            "skipped %s of %d images: %s", sum(report["skipped"].values()), len(raw), report["skipped"]
+        )
+    return train_split, minival, report
+
+
+def build_model(model_params: dict[str, Any], classes: int, loss: str = "softmax") -> VisionTransformer:
+    """`{"variant": "Ti/4", "image_size": 32, **overrides}` → a freshly initialised ViT for `classes`."""
+    overrides = dict(model_params)
+    variant, image_size = overrides.pop("variant"), overrides.pop("image_size")
+    if loss == "sigmoid":
+        overrides.setdefault("head_bias_init", SIGMOID_HEAD_BIAS)
+    return VisionTransformer(
+        ViTConfig.from_variant(variant, image_size=image_size, num_classes=classes, **overrides)
+    )
+
+
+def pretrain(
+    train_cache: datasets.Dataset, minival: datasets.Dataset, params: dict[str, Any]
+) -> tuple[VisionTransformer, dict[str, Any]]:
+    """Train from scratch; resumes from the newest periodic checkpoint of the same configuration."""
+    config = TrainConfig.from_params(params["train"])
+    model = build_model(params["model"], num_classes(train_cache), config.loss)
+    pp_eval, eval_batch = params["eval"]["pp"], params["eval"]["batch_size"]
+
+    def minival_accuracy(model: VisionTransformer, accelerator: Any) -> dict[str, float]:
+        return {"minival_accuracy": evaluate_accuracy(model, minival, pp_eval, eval_batch, accelerator)}
+
+    log.info("pretraining %s (%.1fM parameters) for %d steps", model.config.variant,
+             sum(p.numel() for p in model.parameters()) / 1e6, config.steps)  # fmt: skip
+    result = train(
+        model, train_cache, config, checkpoint_dir=params.get("checkpoint_dir"),
+        evaluators={"minival_accuracy": minival_accuracy}, description="pretrain",
+    )  # fmt: skip
+    history = {
+        "records": result.history,
+        "wall_seconds": result.wall_seconds,
+        "train_images_per_second": result.images_per_second,
+        "resumed_from_step": result.resumed_from_step,
+    }
+    return result.model, history
+
+
+def evaluate(
+    model: VisionTransformer, minival: datasets.Dataset, history: dict[str, Any], params: dict[str, Any]
+) -> tuple[dict[str, Any], plt.Figure]:
+    """Final minival accuracy beside the run's facts, and the training curves."""
+    accuracy = evaluate_accuracy(model, minival, params["eval"]["pp"], params["eval"]["batch_size"])
+    records = history["records"]
+    train_logs = [r for r in records if "loss" in r]
+    metrics = {
+        "minival_accuracy": accuracy,
+        "minival_images": len(minival),
+        "num_classes": model.config.num_classes,
+        "chance_accuracy": 1.0 / model.config.num_classes,
+        "steps": params["train"]["steps"],
+        "global_batch_size": params["train"]["batch_size"],
+        "train_images_per_second": history["train_images_per_second"],
+        "wall_seconds": history["wall_seconds"],
+        "resumed_from_step": history["resumed_from_step"],
+        "final_train_loss": train_logs[-1]["loss"] if train_logs else None,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "model": model.config.to_dict(),
+    }
+    log.info("minival accuracy %.4f (chance %.4f)", accuracy, metrics["chance_accuracy"])
+    return metrics, plot_curves(records, f"{model.config.variant} pretraining")
