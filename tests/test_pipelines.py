@@ -1,0 +1,72 @@
+"""End to end: `kedro run --env tiny --pipeline pretrain` in a fresh copy of the project, then a resume."""
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import PIL.Image
+import pytest
+
+from vit_pipelines.data import embedded
+from vit_pipelines.training.checkpoint import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def kedro(project: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "1"}
+    result = subprocess.run(
+        ["kedro", *args], cwd=project, env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A copy of the project without its data, as a fresh clone would have it."""
+    copy = tmp_path_factory.mktemp("project")
+    for name in ("conf", "src", "pyproject.toml", ".telemetry"):
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, copy / name, ignore=shutil.ignore_patterns("__pycache__", "local"))
+        else:
+            shutil.copy(source, copy / name)
+    (copy / "conf" / "local").mkdir(exist_ok=True)
+    (copy / "data").mkdir()
+    return copy
+
+
+def test_registry_lists_the_pipelines(project):
+    listed = kedro(project, "registry", "list").stdout
+    assert "pretrain" in listed and "__default__" in listed
+
+
+def test_tiny_pretrain_runs_end_to_end_and_resumes(project):
+    kedro(project, "run", "--env", "tiny", "--pipeline", "pretrain")
+    out = project / "data" / "tiny"
+    metrics = json.loads((out / "08_reporting" / "pretrain_metrics.json").read_text())
+    for key in ("minival_accuracy", "num_classes", "steps", "train_images_per_second", "wall_seconds"):
+        assert key in metrics, key
+    assert metrics["num_classes"] == len(embedded.PRETRAIN_CLASS_NAMES)
+    assert metrics["steps"] == 6 and metrics["resumed_from_step"] == 0
+    assert 0.0 <= metrics["minival_accuracy"] <= 1.0 and metrics["train_images_per_second"] > 0
+    report = json.loads((out / "08_reporting" / "pretrain_preprocess_report.json").read_text())
+    assert report["images_in"] == 600 and report["images_kept"] == 600
+    assert report["train_images"] + report["minival_images"] == 600
+    with PIL.Image.open(out / "08_reporting" / "pretrain_curves.png") as curves:
+        assert curves.size[0] > 600
+    model = load_model(out / "06_models" / "pretrain")
+    assert model.config.image_size == (16, 16) and model.config.num_classes == metrics["num_classes"]
+    runs = list((out / "06_models" / "pretrain" / "checkpoints").iterdir())
+    assert len(runs) == 1 and sorted(p.name for p in runs[0].glob("step_*")) == ["step_0000003", "step_0000006"]
+    assert not (project / "data" / "08_reporting" / "pretrain_metrics.json").exists()  # tiny writes aside
+
+    # The same command again resumes from the newest checkpoint of the same configuration.
+    kedro(project, "run", "--env", "tiny", "--pipeline", "pretrain")
+    again = json.loads((out / "08_reporting" / "pretrain_metrics.json").read_text())
+    assert again["resumed_from_step"] == 6
+    assert again["minival_accuracy"] == pytest.approx(metrics["minival_accuracy"])
