@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from vit_pipelines.models import ViTConfig, VisionTransformer
+from vit_pipelines.models import VisionTransformer, ViTConfig
 from vit_pipelines.training.loop import resolve_mixed_precision
 
 
@@ -44,7 +44,9 @@ def hf_vit(config: ViTConfig) -> torch.nn.Module:
     return model
 
 
-def step_fn(model: torch.nn.Module, batch: int, config: ViTConfig, dtype: torch.dtype | None) -> Callable[[], None]:
+def step_fn(
+    model: torch.nn.Module, batch: int, config: ViTConfig, dtype: torch.dtype | None
+) -> Callable[[], None]:
     images = torch.randn(batch, 3, *config.image_size)
     labels = torch.randint(0, config.num_classes, (batch,))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -67,7 +69,9 @@ def images_per_second(step: Callable[[], None], batch: int, steps: int) -> float
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--variant", default="Ti/4")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--depth", type=int, default=6)
@@ -78,7 +82,9 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/train_throughput.json")
     args = parser.parse_args()
 
-    config = ViTConfig.from_variant(args.variant, image_size=args.image_size, num_classes=100, depth=args.depth)
+    config = ViTConfig.from_variant(
+        args.variant, image_size=args.image_size, num_classes=100, depth=args.depth
+    )
     precision = resolve_mixed_precision(args.precision)
     dtype = {"bf16": torch.bfloat16, "no": None}[precision]
     torch.manual_seed(0)
@@ -94,7 +100,9 @@ def main() -> None:
     median = {name: statistics.median(values) for name, values in rates.items()}
     ratio = median["vit_pipelines"] / median["transformers"]
 
-    print(f"\n{config.variant} depth {config.depth} at {config.image_size[0]}px, batch {args.batch_size}, {precision}")
+    print(
+        f"\n{config.variant} depth {config.depth} at {config.image_size[0]}px, batch {args.batch_size}, {precision}"
+    )
     print(f"{'model':<16}{'images/s (median)':>20}{'min':>10}{'max':>10}")
     for name, values in rates.items():
         print(f"{name:<16}{median[name]:>20.1f}{min(values):>10.1f}{max(values):>10.1f}")

@@ -62,7 +62,10 @@ def test_tiny_pretrain_runs_end_to_end_and_resumes(project):
     model = load_model(out / "06_models" / "pretrain")
     assert model.config.image_size == (16, 16) and model.config.num_classes == metrics["num_classes"]
     runs = list((out / "06_models" / "pretrain" / "checkpoints").iterdir())
-    assert len(runs) == 1 and sorted(p.name for p in runs[0].glob("step_*")) == ["step_0000003", "step_0000006"]
+    assert len(runs) == 1 and sorted(p.name for p in runs[0].glob("step_*")) == [
+        "step_0000003",
+        "step_0000006",
+    ]
     assert not (project / "data" / "08_reporting" / "pretrain_metrics.json").exists()  # tiny writes aside
 
     # The same command again resumes from the newest checkpoint of the same configuration.
