@@ -1,6 +1,10 @@
 """The training loop: weight-decay groups, schedules, losses, gradient accumulation and exact resume."""
 
 import math
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -200,3 +204,36 @@ def test_bf16_autocast_training_runs_on_cpu():
     result = train(tiny_model(), tiny_cache(), config(steps=2, mixed_precision="bf16"))
     assert all(p.dtype == torch.float32 for p in result.model.parameters())  # master weights stay float32
     assert math.isfinite(result.history[-1]["loss"])
+
+
+KILLED_RUN = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_training import config, tiny_cache, tiny_model, train
+train(tiny_model(dropout=0.1), tiny_cache(), config(steps=400, checkpoint_every=5, keep_checkpoints=50),
+      checkpoint_dir={root!r})
+"""
+
+
+def test_a_real_sigkill_loses_nothing_but_the_steps_since_the_last_checkpoint(tmp_path):
+    tests = str(Path(__file__).parent)
+    script = KILLED_RUN.format(tests=tests, root=str(tmp_path))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(tmp_path.glob("*/step_0000010")):
+        time.sleep(0.05)
+    proc.kill()  # SIGKILL: no handler runs, whatever was being written stays half-written
+    proc.wait()
+    run_dir = next(tmp_path.iterdir())
+    survivor = latest_training_state(run_dir)
+    assert survivor is not None and int(survivor.name[5:]) >= 10
+    run = config(steps=400, checkpoint_every=5, keep_checkpoints=50)
+    resumed = train(tiny_model(seed=9, dropout=0.1), tiny_cache(), run, checkpoint_dir=tmp_path, stop_after=3)
+    straight = train(tiny_model(dropout=0.1), tiny_cache(), run, stop_after=resumed.resumed_from_step + 3)
+    assert resumed.resumed_from_step == int(survivor.name[5:])
+    for (name, a), b in zip(
+        straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6, msg=name)
