@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, Sampler
 
@@ -42,6 +43,19 @@ class CachedImages(torch.utils.data.Dataset):
 
     def __getitem__(self, key: Key) -> dict[str, torch.Tensor]:
         return {k: v[0] for k, v in self.__getitems__([key]).items()}
+
+
+def _image_chunks(cache: datasets.Dataset) -> tuple[list[np.ndarray], np.ndarray]:
+    """The `image` column as one `[rows, H, W, C]` uint8 view per Arrow chunk, and each chunk's first row."""
+    shape = cache.features["image"].shape
+    chunks = []
+    for chunk in cache.data.column("image").chunks:
+        values = chunk.storage if isinstance(chunk, pa.ExtensionArray) else chunk
+        while not pa.types.is_integer(values.type):
+            values = values.flatten()
+        chunks.append(values.to_numpy(zero_copy_only=True).reshape(-1, *shape))
+    starts = np.cumsum([0] + [len(c) for c in chunks[:-1]])
+    return chunks, starts
 
 
 class StepBatchSampler(Sampler[list[Key]]):

@@ -221,6 +221,7 @@ def train(
             history.append(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}",
                             lr=f"{record['lr']:.2e}", img_s=f"{record['images_per_second']:.0f}")  # fmt: skip
+        t_pause = time.perf_counter()  # evaluation and checkpoint time do not count against throughput
         if evaluators and (is_last or (config.eval_every and done % config.eval_every == 0)):
             history.append(evaluate(done))
             model.train()
@@ -236,7 +237,7 @@ def train(
                     run_dir, done, accelerator.unwrap_model(model), optimizer, state, config.keep_checkpoints
                 )
                 (run_dir / "history.json").write_text(json.dumps(history))
-        t_log = time.perf_counter()  # evaluation and checkpoint time do not count against throughput
+        t_log += time.perf_counter() - t_pause
     bar.close()
     wall = time.perf_counter() - t_start
     unwrapped = accelerator.unwrap_model(model).to("cpu").eval()
