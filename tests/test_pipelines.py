@@ -73,3 +73,38 @@ def test_tiny_pretrain_runs_end_to_end_and_resumes(project):
     again = json.loads((out / "08_reporting" / "pretrain_metrics.json").read_text())
     assert again["resumed_from_step"] == 6
     assert again["minival_accuracy"] == pytest.approx(metrics["minival_accuracy"])
+
+
+def test_tiny_fewshot_evaluates_the_pretrained_model_and_a_random_baseline(project):
+    # Runs after the pretrain test above: the tiny pretrained model is in the copy's data/tiny/06_models.
+    kedro(project, "run", "--env", "tiny", "--pipeline", "fewshot")
+    out = project / "data" / "tiny"
+    results = json.loads((out / "08_reporting" / "fewshot_results.json").read_text())
+    assert set(results["datasets"]) == set(embedded.DOWNSTREAM_NAMES)
+    for name, result in results["datasets"].items():
+        for kind in ("pretrained", "random_init"):
+            assert set(result[kind]) == {"1", "5"}, name
+            assert all(len(v["per_seed"]) == 2 and 0 <= v["mean"] <= 1 for v in result[kind].values())
+        assert result["image_size"] == [16, 16]
+        assert results["summary"][name]["chance"] == pytest.approx(1 / result["num_classes"])
+    with PIL.Image.open(out / "08_reporting" / "fewshot_accuracy.png") as plot:
+        assert plot.size[0] > 900
+    cached = sorted(p.name for p in (out / "04_feature" / "fewshot").glob("*.npz"))
+    assert len(cached) == 4 * len(embedded.DOWNSTREAM_NAMES)  # (pretrained, random) x (train, test) per set
+    kedro(project, "run", "--env", "tiny", "--pipeline", "fewshot")  # features are reused, not recomputed
+    assert sorted(p.name for p in (out / "04_feature" / "fewshot").glob("*.npz")) == cached
+    assert json.loads((out / "08_reporting" / "fewshot_results.json").read_text()) == results
+
+
+def test_fewshot_without_a_checkpoint_says_what_to_do(tmp_path_factory, project):
+    empty = tmp_path_factory.mktemp("empty")
+    for name in ("conf", "src", "pyproject.toml", ".telemetry"):
+        source = project / name
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, empty / name)
+    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "1"}
+    result = subprocess.run(
+        ["kedro", "run", "--env", "tiny", "--pipeline", "fewshot"], cwd=empty, env=env, capture_output=True,
+        text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "kedro run --pipeline pretrain" in result.stdout + result.stderr

@@ -75,15 +75,19 @@ class ArrowDataset(AbstractDataset[datasets.Dataset, datasets.Dataset]):
         return {"path": str(self._path)}
 
 
-class ViTModelDataset(AbstractDataset[VisionTransformer, VisionTransformer]):
-    """A `VisionTransformer` as `path/model.safetensors` + `path/config.json`."""
+class ViTModelDataset(AbstractDataset[VisionTransformer, VisionTransformer | None]):
+    """A `VisionTransformer` as `path/model.safetensors` + `path/config.json`. With `optional: true` a
+    missing checkpoint loads as None, so a node can fall back to another source and explain."""
 
-    def __init__(self, path: str, metadata: dict[str, Any] | None = None) -> None:
+    def __init__(self, path: str, optional: bool = False, metadata: dict[str, Any] | None = None) -> None:
         self._path = Path(path)
+        self._optional = optional
         self.metadata = metadata
 
-    def load(self) -> VisionTransformer:
+    def load(self) -> VisionTransformer | None:
         if not (self._path / WEIGHTS).exists():
+            if self._optional:
+                return None
             raise DatasetError(f"no checkpoint at {self._path}; run `kedro run --pipeline pretrain` first")
         return load_model(self._path)
 

@@ -1,0 +1,68 @@
+"""Frozen representations (`pre_logits`) of a cached image set, kept on disk per (weights, data, pp)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from vit_pipelines.data.loader import content_fingerprint, eval_loader
+from vit_pipelines.models.vit import VisionTransformer
+from vit_pipelines.training.loop import resolve_mixed_precision
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def extract_features(
+    model: VisionTransformer, cache: datasets.Dataset, pp: str, batch_size: int = 256, desc: str = "features"
+) -> tuple[np.ndarray, np.ndarray]:
+    """`pre_logits` `[N, D or rep]` float32 and labels `[N]` for every row of `cache`, in order."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    bf16 = resolve_mixed_precision("auto") == "bf16"
+    features, labels = [], []
+    for batch in tqdm(eval_loader(cache, pp, batch_size), desc=desc, leave=False):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = model.forward_features(batch["images"].to(device))["pre_logits"]
+        features.append(out.float().cpu().numpy())
+        labels.append(batch["labels"].numpy())
+    model.train(was_training)
+    return np.concatenate(features), np.concatenate(labels)
+
+
+def weights_fingerprint(model: VisionTransformer) -> str:
+    """A short hash of the model's config and weights: the same checkpoint gives the same key."""
+    digest = hashlib.sha1(model.config.to_json().encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def cached_features(
+    model: VisionTransformer,
+    cache: datasets.Dataset,
+    pp: str,
+    folder: str | Path,
+    name: str,
+    batch_size: int = 256,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`extract_features`, stored as `folder/<name>-<key>.npz` with key = hash(weights, pp, rows) and reused."""
+    key = hashlib.sha1(f"{weights_fingerprint(model)}|{pp}|{content_fingerprint(cache)}".encode()).hexdigest()
+    path = Path(folder) / f"{name}-{key[:16]}.npz"
+    if path.exists():
+        with np.load(path, allow_pickle=False) as stored:
+            return stored["features"], stored["labels"]
+    features, labels = extract_features(model, cache, pp, batch_size, desc=name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, features=features, labels=labels)
+    tmp.replace(path)
+    return features, labels

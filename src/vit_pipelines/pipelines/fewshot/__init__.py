@@ -1,0 +1,5 @@
+"""`kedro run --pipeline fewshot`: few-shot linear ridge evaluation of a checkpoint on every downstream set."""
+
+from vit_pipelines.pipelines.fewshot.pipeline import create_pipeline
+
+__all__ = ["create_pipeline"]

@@ -1,0 +1,79 @@
+"""Nodes of the `fewshot` pipeline: frozen features of each downstream set, the ridge grid, the report."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import datasets
+import matplotlib.pyplot as plt
+import torch
+
+from vit_pipelines.data.cache import cache_images
+from vit_pipelines.evaluation.features import cached_features
+from vit_pipelines.evaluation.fewshot import fewshot_grid
+from vit_pipelines.evaluation.plots import plot_fewshot
+from vit_pipelines.models import VisionTransformer
+
+log = logging.getLogger(__name__)
+
+
+def select_model(pretrained_model: VisionTransformer | None, params: dict[str, Any]) -> VisionTransformer:
+    """The checkpoint named by `params["checkpoint"]["path"]`, else the latest pretraining output."""
+    path = (params.get("checkpoint") or {}).get("path")
+    if path:
+        from vit_pipelines.models import load_pretrained
+
+        return load_pretrained(path, format=params["checkpoint"].get("format", "auto"))
+    if pretrained_model is None:
+        raise ValueError(
+            "no pretrained model found: run `kedro run --pipeline pretrain` first, "
+            "or set fewshot.checkpoint.path (and format) in conf/local/parameters_fewshot.yml"
+        )
+    return pretrained_model
+
+
+def evaluate_dataset(
+    model: VisionTransformer, train_raw: datasets.Dataset, test_raw: datasets.Dataset, params: dict[str, Any]
+) -> dict[str, Any]:
+    """Few-shot accuracy of `model` and of a randomly initialised model of the same shape (the baseline)."""
+    size = model.config.image_size
+    pp_cache = params["pp_cache"].format(size=size[0] if size[0] == size[1] else tuple(size))
+    train_cache, train_report = cache_images(train_raw, pp_cache)
+    test_cache, test_report = cache_images(test_raw, pp_cache)
+    torch.manual_seed(params["baseline_seed"])
+    models = {"pretrained": model, "random_init": VisionTransformer(model.config)}
+    results: dict[str, Any] = {
+        "image_size": list(size),
+        "train_images": len(train_cache),
+        "test_images": len(test_cache),
+        "skipped_images": train_report["skipped"] | test_report["skipped"],
+    }
+    for kind, net in models.items():
+        train = cached_features(net, train_cache, params["pp"], params["features_dir"], f"{kind}-train")
+        test = cached_features(net, test_cache, params["pp"], params["features_dir"], f"{kind}-test")
+        results["num_classes"] = int(max(train[1].max(), test[1].max())) + 1
+        results[kind] = fewshot_grid(
+            train, test, params["shots"], params["seeds"], params["l2_reg"], params.get("l2_grid")
+        )
+    return results
+
+
+def report(**per_dataset: dict[str, Any]) -> tuple[dict[str, Any], plt.Figure]:
+    """`fewshot_results.json` (every dataset, shot count and seed) and a plot of accuracy against shots."""
+    summary = {}
+    for name, result in per_dataset.items():
+        rows = {
+            k: (result["pretrained"][k]["mean"], result["random_init"][k]["mean"])
+            for k in result["pretrained"]
+        }
+        summary[name] = {
+            "pretrained_beats_random_at_every_shot": all(p > r for p, r in rows.values()),
+            "chance": 1.0 / result["num_classes"],
+        }
+        log.info(
+            "%s few-shot accuracy (pretrained vs random init): %s",
+            name,
+            ", ".join(f"{k}-shot {p:.3f} vs {r:.3f}" for k, (p, r) in rows.items()),
+        )
+    return {"datasets": per_dataset, "summary": summary}, plot_fewshot(per_dataset)
