@@ -13,21 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from vit_pipelines.models.config import ViTConfig
+from vit_pipelines.models.checkpoints import CONFIG, WEIGHTS, load_pretrained, read_native, write_native
 from vit_pipelines.models.vit import VisionTransformer
 
-WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
 OPTIMIZER = "optimizer.pt"
 STATE = "trainer_state.json"
-
-
-def _write_model(model: VisionTransformer, folder: Path) -> None:
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(folder / WEIGHTS), metadata={"format": "pt"})
-    (folder / CONFIG).write_text(model.config.to_json())
 
 
 def _replace_atomically(folder: Path, fill: Any) -> None:
@@ -48,19 +39,15 @@ def save_model(model: VisionTransformer, folder: str | Path) -> None:
     tmp = folder / ".saving"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    _write_model(model, tmp)
+    write_native(model, tmp)
     for name in (CONFIG, WEIGHTS):  # weights last: their presence marks a complete checkpoint
         (tmp / name).replace(folder / name)
     tmp.rmdir()
 
 
 def load_model(folder: str | Path) -> VisionTransformer:
-    folder = Path(folder)
-    if not (folder / WEIGHTS).exists():
-        raise FileNotFoundError(f"no {WEIGHTS} in {folder}")
-    model = VisionTransformer(ViTConfig.from_dict(json.loads((folder / CONFIG).read_text())))
-    model.load_state_dict(load_file(str(folder / WEIGHTS)))
-    return model
+    """The model `save_model` wrote to `folder` (eval mode)."""
+    return load_pretrained(folder, format="native")
 
 
 def save_training_state(
@@ -75,7 +62,7 @@ def save_training_state(
     folder = Path(root) / f"step_{step:07d}"
 
     def fill(tmp: Path) -> None:
-        _write_model(model, tmp)
+        write_native(model, tmp)
         torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
         (tmp / STATE).write_text(json.dumps({**state, "step": step}, indent=1))
 
@@ -95,6 +82,6 @@ def load_training_state(
     folder: Path, model: VisionTransformer, optimizer: torch.optim.Optimizer
 ) -> dict[str, Any]:
     """Restore weights and optimiser state in place; returns the saved `trainer_state.json`."""
-    model.load_state_dict(load_file(str(folder / WEIGHTS)))
+    model.load_state_dict(read_native(folder)[1])
     optimizer.load_state_dict(torch.load(folder / OPTIMIZER, weights_only=True, map_location="cpu"))
     return json.loads((folder / STATE).read_text())
