@@ -54,6 +54,11 @@ def test_tiny_pretrain_runs_end_to_end_and_resumes(project):
     assert metrics["num_classes"] == len(embedded.PRETRAIN_CLASS_NAMES)
     assert metrics["steps"] == 6 and metrics["resumed_from_step"] == 0
     assert 0.0 <= metrics["minival_accuracy"] <= 1.0 and metrics["train_images_per_second"] > 0
+    # The few-shot probe ran during pretraining on every downstream set (paper Fig. 4).
+    probes = {f"fewshot_{n}_{k}shot_accuracy" for n in embedded.DOWNSTREAM_NAMES for k in (5, 10)}
+    assert set(metrics["fewshot"]) == probes and all(0 <= v <= 1 for v in metrics["fewshot"].values())
+    history = json.loads((out / "07_model_output" / "pretrain_history.json").read_text())["records"]
+    assert [r["step"] for r in history if "fewshot_digits_5shot_accuracy" in r] == [3, 6]
     report = json.loads((out / "08_reporting" / "pretrain_preprocess_report.json").read_text())
     assert report["images_in"] == 600 and report["images_kept"] == 600
     assert report["train_images"] + report["minival_images"] == 600

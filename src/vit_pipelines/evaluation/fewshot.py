@@ -12,9 +12,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import datasets
 import numpy as np
 import scipy.stats
 import torch
+
+from vit_pipelines.data.cache import cache_images
+from vit_pipelines.evaluation.features import extract_features
+from vit_pipelines.models.vit import VisionTransformer
 
 BIAS_CONSTANT = 100.0
 DEFAULT_L2_REG = 2.0**10
@@ -48,7 +53,10 @@ class RidgeSolver:
         n, d = x.shape
         if n >= d:
             eigs, q = torch.linalg.eigh(x.T @ x)
-            return cls(mean, std, eigs, q, q.T @ (x.T @ y), None, x, y)
+            # Xᵀ(2·onehot − 1) = 2·(per-class sums of X)ᵀ − column sums: O(N·D) instead of an N·D·K product.
+            class_sums = torch.zeros(num_classes, d, dtype=x.dtype).index_add_(0, labels, x)
+            xty = 2.0 * class_sums.T - x.sum(dim=0)[:, None]
+            return cls(mean, std, eigs, q, q.T @ xty, None, x, y)
         eigs, q = torch.linalg.eigh(x @ x.T)
         return cls(mean, std, eigs, x.T @ q, q.T @ y, q, x, y)
 
@@ -175,3 +183,36 @@ def fewshot_grid(
         mean, ci = mean_and_ci95(per_seed)
         results[str(k)] = {"mean": mean, "ci95": ci, "per_seed": per_seed, "l2_reg": chosen}
     return results
+
+
+def pp_for_size(template: str, size: tuple[int, int]) -> str:
+    """Fill a pp template's `{size}` with a model's resolution: `32` for square images, else `(h, w)`."""
+    return template.format(size=size[0] if size[0] == size[1] else tuple(size))
+
+
+def cache_fewshot_sets(
+    raw: dict[str, tuple[datasets.Dataset, datasets.Dataset]], pp_cache: str
+) -> dict[str, tuple[datasets.Dataset, datasets.Dataset]]:
+    """Decode and resize each downstream (train, test) pair once."""
+    return {
+        name: (cache_images(train, pp_cache)[0], cache_images(test, pp_cache)[0])
+        for name, (train, test) in raw.items()
+    }
+
+
+def fewshot_accuracies(
+    model: VisionTransformer,
+    sets: dict[str, tuple[datasets.Dataset, datasets.Dataset]],
+    pp: str,
+    shots: Sequence[int],
+    seeds: int = 1,
+    l2_reg: float = DEFAULT_L2_REG,
+) -> dict[str, float]:
+    """`{"<set>_<k>shot_accuracy": mean over seeds}`: the quick probe run during pretraining (paper Fig. 4)."""
+    out = {}
+    for name, (train_cache, test_cache) in sets.items():
+        train = extract_features(model, train_cache, pp, desc=f"{name} train")
+        test = extract_features(model, test_cache, pp, desc=f"{name} test")
+        for k, result in fewshot_grid(train, test, shots, seeds, l2_reg).items():
+            out[f"{name}_{k}shot_accuracy"] = result["mean"]
+    return out

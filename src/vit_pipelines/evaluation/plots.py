@@ -9,20 +9,28 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def plot_curves(records: list[dict[str, float]], title: str) -> plt.Figure:
-    """Loss and accuracy against steps: training (running mean between logs) and every evaluation."""
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    """Loss and accuracy against steps: training (running mean between logs), every evaluation and, when the
+    run probed it, few-shot accuracy per downstream set (as the paper's Fig. 4)."""
     train_logs = [r for r in records if "loss" in r]
-    evals = {k for r in records for k in r if k.endswith("accuracy") and k != "accuracy"}
+    evals = sorted({k for r in records for k in r if k.endswith("accuracy") and k != "accuracy"})
+    fewshot = [k for k in evals if k.startswith("fewshot_")]
+    panels = 3 if fewshot else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.8))
+    ax_loss, ax_acc = axes[0], axes[1]
     ax_loss.plot([r["step"] for r in train_logs], [r["loss"] for r in train_logs], label="train")
     ax_acc.plot([r["step"] for r in train_logs], [r["accuracy"] for r in train_logs], label="train (running)")
-    for key in sorted(evals):
+    for key in evals:
+        ax = axes[2] if key in fewshot else ax_acc
         points = [r for r in records if key in r]
-        ax_acc.plot([r["step"] for r in points], [r[key] for r in points], "o-", label=key.replace("_", " "))
+        label = key.removeprefix("fewshot_").removesuffix("_accuracy").replace("_", " ")
+        ax.plot([r["step"] for r in points], [r[key] for r in points], "o-", label=label)
     ax_loss.set(xlabel="step", ylabel="loss", title=title)
     ax_acc.set(xlabel="step", ylabel="accuracy", ylim=(0, 1), title="accuracy")
-    for ax in (ax_loss, ax_acc):
+    if fewshot:
+        axes[2].set(xlabel="step", ylabel="accuracy", ylim=(0, 1), title="few-shot linear probe")
+    for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 

@@ -11,7 +11,7 @@ import torch
 
 from vit_pipelines.data.cache import cache_images
 from vit_pipelines.evaluation.features import cached_features
-from vit_pipelines.evaluation.fewshot import fewshot_grid
+from vit_pipelines.evaluation.fewshot import fewshot_grid, pp_for_size
 from vit_pipelines.evaluation.plots import plot_fewshot
 from vit_pipelines.models import VisionTransformer
 
@@ -38,7 +38,7 @@ def evaluate_dataset(
 ) -> dict[str, Any]:
     """Few-shot accuracy of `model` and of a randomly initialised model of the same shape (the baseline)."""
     size = model.config.image_size
-    pp_cache = params["pp_cache"].format(size=size[0] if size[0] == size[1] else tuple(size))
+    pp_cache = pp_for_size(params["pp_cache"], size)
     train_cache, train_report = cache_images(train_raw, pp_cache)
     test_cache, test_report = cache_images(test_raw, pp_cache)
     torch.manual_seed(params["baseline_seed"])

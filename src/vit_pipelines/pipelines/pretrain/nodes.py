@@ -10,6 +10,7 @@ import matplotlib.pyplot as plt
 
 from vit_pipelines.data.cache import cache_images, num_classes, split_minival
 from vit_pipelines.evaluation.classification import evaluate_accuracy
+from vit_pipelines.evaluation.fewshot import cache_fewshot_sets, fewshot_accuracies, pp_for_size
 from vit_pipelines.evaluation.plots import plot_curves
 from vit_pipelines.models import VisionTransformer, ViTConfig
 from vit_pipelines.training.loop import TrainConfig, train
@@ -44,21 +45,39 @@ def build_model(model_params: dict[str, Any], classes: int, loss: str = "softmax
 
 
 def pretrain(
-    train_cache: datasets.Dataset, minival: datasets.Dataset, params: dict[str, Any]
+    train_cache: datasets.Dataset,
+    minival: datasets.Dataset,
+    params: dict[str, Any],
+    **downstream: datasets.Dataset,
 ) -> tuple[VisionTransformer, dict[str, Any]]:
-    """Train from scratch; resumes from the newest periodic checkpoint of the same configuration."""
+    """Train from scratch; resumes from the newest periodic checkpoint of the same configuration.
+
+    `downstream` holds `<set>_train` / `<set>_test` image datasets: every `train.eval_every` steps the run
+    probes its representation with few-shot ridge on them (paper Fig. 4), beside the minival accuracy.
+    """
     config = TrainConfig.from_params(params["train"])
     model = build_model(params["model"], num_classes(train_cache), config.loss)
     pp_eval, eval_batch = params["eval"]["pp"], params["eval"]["batch_size"]
+    probe = params.get("fewshot") or {}
+    names = sorted({key.rsplit("_", 1)[0] for key in downstream}) if probe.get("enabled") else []
+    pp_cache = pp_for_size(probe.get("pp_cache", ""), model.config.image_size)
+    sets = cache_fewshot_sets(
+        {n: (downstream[f"{n}_train"], downstream[f"{n}_test"]) for n in names}, pp_cache
+    )
 
     def minival_accuracy(model: VisionTransformer, accelerator: Any) -> dict[str, float]:
         return {"minival_accuracy": evaluate_accuracy(model, minival, pp_eval, eval_batch, accelerator)}
 
+    def fewshot(model: VisionTransformer, accelerator: Any) -> dict[str, float]:
+        net = accelerator.unwrap_model(model)
+        return fewshot_accuracies(net, sets, probe["pp"], probe["shots"], probe["seeds"], probe["l2_reg"])
+
+    evaluators = {"minival_accuracy": minival_accuracy} | ({"fewshot": fewshot} if sets else {})
     log.info("pretraining %s (%.1fM parameters) for %d steps", model.config.variant,
              sum(p.numel() for p in model.parameters()) / 1e6, config.steps)  # fmt: skip
     result = train(
         model, train_cache, config, checkpoint_dir=params.get("checkpoint_dir"),
-        evaluators={"minival_accuracy": minival_accuracy}, description="pretrain",
+        evaluators=evaluators, description="pretrain",
     )  # fmt: skip
     history = {
         "records": result.history,
@@ -87,6 +106,7 @@ def evaluate(
         "wall_seconds": history["wall_seconds"],
         "resumed_from_step": history["resumed_from_step"],
         "final_train_loss": train_logs[-1]["loss"] if train_logs else None,
+        "fewshot": {k: v for k, v in (records[-1] if records else {}).items() if k.startswith("fewshot_")},
         "parameters": sum(p.numel() for p in model.parameters()),
         "model": model.config.to_dict(),
     }

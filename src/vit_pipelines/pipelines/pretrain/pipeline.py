@@ -1,5 +1,6 @@
 from kedro.pipeline import Pipeline, node, pipeline
 
+from vit_pipelines.pipelines.downstream import downstream_datasets
 from vit_pipelines.pipelines.pretrain import nodes
 
 
@@ -14,7 +15,16 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             node(
                 nodes.pretrain,
-                inputs=["pretrain_cache_train", "pretrain_cache_minival", "params:pretrain"],
+                inputs={
+                    "train_cache": "pretrain_cache_train",
+                    "minival": "pretrain_cache_minival",
+                    "params": "params:pretrain",
+                    **{
+                        f"{n}_{split}": f"downstream.{n}.{split}"
+                        for n in downstream_datasets()
+                        for split in ("train", "test")
+                    },
+                },
                 outputs=["pretrained_model", "pretrain_history"],
                 name="pretrain_vit",
             ),
