@@ -19,34 +19,22 @@ from vit_pipelines.training.checkpoint import WEIGHTS, load_model, save_model
 
 class ImageSourceDataset(AbstractDataset[None, datasets.Dataset]):
     """Read-only: an image dataset from `source` (`embedded:…`, `parquet:…`, `arrow:…`, `imagefolder:…`,
-    `hub:…`), with columns renamed to `image` and `label`. See `vit_pipelines.data.sources`."""
+    `hub:…`), with columns renamed to `image` and `label`. The other catalog keys (`split`, `image_column`,
+    `label_column`, `limit`, `options`, `cache_dir`) are `vit_pipelines.data.sources.load_image_dataset`'s."""
 
-    def __init__(
-        self,
-        source: str,
-        split: str | None = None,
-        image_column: str = "image",
-        label_column: str = "label",
-        limit: int | None = None,
-        options: dict[str, Any] | None = None,
-        cache_dir: str = "data/01_raw/embedded",
-        metadata: dict[str, Any] | None = None,
-    ) -> None:
-        self._kwargs = dict(
-            split=split, image_column=image_column, label_column=label_column, limit=limit, options=options,
-            cache_dir=cache_dir,
-        )  # fmt: skip
+    def __init__(self, source: str, metadata: dict[str, Any] | None = None, **options: Any) -> None:
         self._source = source
+        self._options = options
         self.metadata = metadata
 
     def load(self) -> datasets.Dataset:
-        return load_image_dataset(self._source, **self._kwargs)
+        return load_image_dataset(self._source, **self._options)
 
     def save(self, data: datasets.Dataset) -> None:
         raise DatasetError(f"{self._source!r} is a read-only image source")
 
     def _describe(self) -> dict[str, Any]:
-        return {"source": self._source, **self._kwargs}
+        return {"source": self._source, **self._options}
 
 
 class ArrowDataset(AbstractDataset[datasets.Dataset, datasets.Dataset]):
