@@ -113,3 +113,30 @@ def test_fewshot_without_a_checkpoint_says_what_to_do(tmp_path_factory, project)
     )  # fmt: skip
     assert result.returncode != 0
     assert "kedro run --pipeline pretrain" in result.stdout + result.stderr
+
+
+def test_tiny_finetune_chooses_a_learning_rate_on_dev_and_tests_raw_and_ema_weights(project):
+    # Runs after the pretrain test above: it fine-tunes the tiny pretrained model (16 px) at 24 px.
+    kedro(project, "run", "--env", "tiny", "--pipeline", "finetune")
+    out = project / "data" / "tiny"
+    grid = [0.01, 0.03]  # conf/tiny/parameters_finetune.yml: lr_grid, 4 steps, EMA decay 0.5
+    metrics = json.loads((out / "08_reporting" / "finetune_metrics.json").read_text())
+    assert set(metrics) == set(embedded.DOWNSTREAM_NAMES)
+    for name, result in metrics.items():
+        dev = result["dev_accuracy"]
+        assert set(dev) == {str(lr) for lr in grid} and all(0 <= a <= 1 for a in dev.values())
+        assert result["chosen_lr"] in grid and dev[str(result["chosen_lr"])] == max(dev.values())
+        assert 0 <= result["test_accuracy"] <= 1 and 0 <= result["test_accuracy_ema"] <= 1
+        assert result["image_size"] == [24, 24] and result["pretrain_image_size"] == [16, 16]
+        assert result["steps"] == 4 and result["ema_decay"] == 0.5
+        assert result["dev_train_images"] + result["dev_images"] == result["train_images"]
+        assert result["dev_images"] == pytest.approx(0.1 * result["train_images"], abs=1)
+        model = load_model(out / "06_models" / "finetune" / name)
+        assert model.config.image_size == (24, 24) and model.config.num_classes == result["num_classes"]
+        assert model.config.representation_size is None  # one linear head, no pre-logits
+    with PIL.Image.open(out / "08_reporting" / "finetune_curves.png") as curves:
+        assert curves.size[0] > 900
+    # Every run (one per dataset and LR, one final per dataset) left its last checkpoint to resume from.
+    finals = list((out / "06_models" / "finetune" / "checkpoints").glob("*/*/step_*"))
+    assert len(finals) == len(embedded.DOWNSTREAM_NAMES) * (len(grid) + 1)
+    assert sum((f / "ema.safetensors").exists() for f in finals) == len(embedded.DOWNSTREAM_NAMES)

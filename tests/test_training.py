@@ -239,3 +239,36 @@ def test_a_real_sigkill_loses_nothing_but_the_steps_since_the_last_checkpoint(tm
         straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True
     ):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6, msg=name)
+
+
+def test_ema_follows_the_polyak_recurrence():
+    # θ_t after each of 3 SGD steps (runs are deterministic), then ema_t = d·ema_{t-1} + (1-d)·θ_t from θ_0.
+    cache, decay = tiny_cache(), 0.7
+    run = config(steps=3, optimizer="sgd", lr=0.1, warmup_steps=0, ema_decay=decay)
+    thetas = [tiny_model().state_dict()] + [
+        train(tiny_model(), cache, run, stop_after=t).model.state_dict() for t in (1, 2, 3)
+    ]
+    result = train(tiny_model(), cache, run)
+    assert result.ema_model is not None and train(tiny_model(), cache, config(steps=1)).ema_model is None
+    ema = result.ema_model.state_dict()
+    for name, theta3 in result.model.state_dict().items():
+        expected = thetas[0][name]
+        for theta in thetas[1:]:
+            expected = decay * expected + (1 - decay) * theta[name]
+        torch.testing.assert_close(ema[name], expected, atol=1e-6, rtol=1e-6, msg=name)
+        torch.testing.assert_close(theta3, thetas[3][name])
+    assert not torch.equal(ema["head.weight"], result.model.head.weight)
+
+
+def test_resume_with_ema_gives_the_same_ema_weights(tmp_path):
+    cache = tiny_cache()
+    run = config(steps=8, checkpoint_every=3, ema_decay=0.9)
+    straight = train(tiny_model(dropout=0.1), cache, run)
+    train(tiny_model(dropout=0.1), cache, run, checkpoint_dir=tmp_path, stop_after=5)
+    assert (latest_training_state(next(tmp_path.iterdir())) / "ema.safetensors").exists()
+    resumed = train(tiny_model(seed=123, dropout=0.1), cache, run, checkpoint_dir=tmp_path)
+    assert resumed.resumed_from_step == 3
+    for (name, a), b in zip(
+        straight.ema_model.state_dict().items(), resumed.ema_model.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6, msg=name)

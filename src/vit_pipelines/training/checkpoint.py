@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from vit_pipelines.models.checkpoints import CONFIG, WEIGHTS, load_pretrained, read_native, write_native
 from vit_pipelines.models.vit import VisionTransformer
 
 OPTIMIZER = "optimizer.pt"
 STATE = "trainer_state.json"
+EMA = "ema.safetensors"  # the float32 Polyak / EMA weights, when the run keeps them
 
 
 def _replace_atomically(folder: Path, fill: Any) -> None:
@@ -57,13 +60,17 @@ def save_training_state(
     optimizer: torch.optim.Optimizer,
     state: dict[str, Any],
     keep: int = 2,
+    ema: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write `root/step_XXXXXXX/` (weights, optimiser, `trainer_state.json`) and keep the newest `keep`."""
+    """Write `root/step_XXXXXXX/` (weights, optimiser, EMA weights if any, `trainer_state.json`) and keep the
+    newest `keep`."""
     folder = Path(root) / f"step_{step:07d}"
 
     def fill(tmp: Path) -> None:
         write_native(model, tmp)
         torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
+        if ema is not None:
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in ema.items()}, tmp / EMA)
         (tmp / STATE).write_text(json.dumps({**state, "step": step}, indent=1))
 
     _replace_atomically(folder, fill)
@@ -79,9 +86,19 @@ def latest_training_state(root: str | Path) -> Path | None:
 
 
 def load_training_state(
-    folder: Path, model: VisionTransformer, optimizer: torch.optim.Optimizer
+    folder: Path,
+    model: VisionTransformer,
+    optimizer: torch.optim.Optimizer,
+    ema: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Restore weights and optimiser state in place; returns the saved `trainer_state.json`."""
+    """Restore weights, optimiser state and (into `ema`'s tensors) the EMA weights in place; returns the saved
+    `trainer_state.json`."""
     model.load_state_dict(read_native(folder)[1])
     optimizer.load_state_dict(torch.load(folder / OPTIMIZER, weights_only=True, map_location="cpu"))
+    if ema is not None:
+        if not (folder / EMA).exists():
+            raise FileNotFoundError(f"{folder} holds no {EMA} to resume the EMA weights from")
+        saved = load_file(folder / EMA)
+        for name, value in ema.items():
+            value.copy_(saved[name])
     return json.loads((folder / STATE).read_text())
