@@ -74,6 +74,20 @@ def test_matches_sklearn_ridge_with_the_same_bias_handling(n_per_class, dim):
     assert len(set(ours.values())) > 1  # λ matters on this data
 
 
+def test_bf16_scoring_gives_exactly_the_float64_predictions_even_when_ill_conditioned():
+    """N just above D (one shot of many classes) makes XᵀX nearly singular: at small λ most bf16 argmaxes are
+    unreliable and must be caught by the error bound and re-scored; at every λ the accuracy equals float64's."""
+    classes, dim = 300, 256
+    x_train, y_train = blobs(1, dim, classes, seed=6, spread=2.0)
+    x_test, y_test = blobs(6, dim, classes, seed=7, spread=2.0)
+    grid = [0.25, 4.0, 64.0, 1024.0, 16384.0]
+    ours = fewshot_ridge(x_train, y_train, x_test, y_test, grid)
+    for lam in grid:
+        expected = (numpy_reference(x_train, y_train, x_test, lam, classes).argmax(1) == y_test).mean()
+        print(f"λ={lam:g}: ours {ours[lam]:.6f} float64 {expected:.6f}")
+        assert ours[lam] == expected
+
+
 def test_default_lambda_is_1024_and_scalar_returns_a_float():
     x_train, y_train = blobs(5, 10, 3, seed=4)
     x_test, y_test = blobs(20, 10, 3, seed=5)

@@ -4,7 +4,14 @@ big_vision's `fewshot_lsr` semantics (paper §4.1 "Metrics"): standardise each f
 (+1e-5) of the few-shot train set, append a constant feature 100 (an almost unregularised bias), targets
 2·onehot − 1, and solve W = (XᵀX + λI)⁻¹XᵀY when N ≥ D, else Xᵀ(XXᵀ + λI)⁻¹Y. One eigendecomposition of XᵀX
 (or XXᵀ) serves every λ. The fit is float64: the bias column makes XᵀX span ~10 orders of magnitude, which
-float32 cannot hold next to a small λ. Only the final per-λ scoring, of which just the argmax is used, is float32.
+float32 cannot hold next to a small λ.
+
+Scoring needs only each test image's argmax over classes, so it runs in bfloat16 (AMX/tensor cores) with a
+certificate: per row, the rounding error of the bf16 product is bounded from |P|·|R| (unit roundoff 2⁻⁸ for each
+input and the output), and rows whose top-two margin is within twice that bound are re-scored in float32. The
+predictions therefore equal float32 scoring's. Class scores are first centred per row (subtracting the mean
+over classes of each row of R shifts every class of a test image by the same amount: the argmax is unchanged),
+which removes the large common part the bias and the −1 targets put in every class and tightens the bound.
 """
 
 from __future__ import annotations
@@ -36,29 +43,37 @@ class RidgeSolver:
     rhs: torch.Tensor
     q: torch.Tensor | None  # eigenvectors of XXᵀ (dual form) or None; used for leave-one-out
     x: torch.Tensor  # the standardised few-shot features with the bias column
-    y: torch.Tensor  # targets in {-1, 1}
+    labels: torch.Tensor
+    num_classes: int
 
     @classmethod
     def fit(cls, features: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor, num_classes: int):
-        x = torch.as_tensor(features, dtype=torch.float64)
+        features = torch.as_tensor(features)
         labels = torch.as_tensor(labels, dtype=torch.long)
-        if x.ndim != 2 or labels.shape != (x.shape[0],):
+        if features.ndim != 2 or labels.shape != (features.shape[0],):
             raise ValueError(
-                f"features must be [N, D] and labels [N], got {tuple(x.shape)} and {tuple(labels.shape)}"
+                f"features must be [N, D] and labels [N], got {tuple(features.shape)} and {tuple(labels.shape)}"
             )
-        mean = x.mean(dim=0, keepdim=True)
-        std = x.std(dim=0, keepdim=True, unbiased=False) + 1e-5
-        x = _with_bias((x - mean) / std)
-        y = 2.0 * torch.nn.functional.one_hot(labels, num_classes).double() - 1.0
-        n, d = x.shape
+        n, d = features.shape[0], features.shape[1] + 1
+        x = torch.empty(n, d, dtype=torch.float64)  # standardised in place, bias column appended
+        x[:, -1] = BIAS_CONSTANT
+        z = x[:, :-1].copy_(features)
+        mean = z.mean(dim=0, keepdim=True)
+        z.sub_(mean)  # two passes (mean, then squares of the centred values): no cancellation
+        std = torch.from_numpy(np.einsum("ij,ij->j", z.numpy(), z.numpy()) / n).sqrt_().add_(1e-5)[None]
+        z.div_(std)
         if n >= d:
             eigs, q = torch.linalg.eigh(x.T @ x)
             # Xᵀ(2·onehot − 1) = 2·(per-class sums of X)ᵀ − column sums: O(N·D) instead of an N·D·K product.
             class_sums = torch.zeros(num_classes, d, dtype=x.dtype).index_add_(0, labels, x)
             xty = 2.0 * class_sums.T - x.sum(dim=0)[:, None]
-            return cls(mean, std, eigs, q, q.T @ xty, None, x, y)
+            return cls(mean, std, eigs, q, q.T @ xty, None, x, labels, num_classes)
         eigs, q = torch.linalg.eigh(x @ x.T)
-        return cls(mean, std, eigs, x.T @ q, q.T @ y, q, x, y)
+        return cls(mean, std, eigs, x.T @ q, q.T @ _targets(labels, num_classes), q, x, labels, num_classes)
+
+    @property
+    def y(self) -> torch.Tensor:
+        return _targets(self.labels, self.num_classes)
 
     def weights(self, l2_reg: float) -> torch.Tensor:
         return self.lhs @ (self.rhs / (self.eigs + l2_reg)[:, None])
@@ -66,19 +81,26 @@ class RidgeSolver:
     def accuracies(
         self, features: np.ndarray | torch.Tensor, labels: torch.Tensor, grid: Sequence[float]
     ) -> dict[float, float]:
-        """Test accuracy for every λ in `grid`. The test features are projected onto `lhs` once (float64);
-        each λ then costs one [N_test, r] x [r, K] product, done in float32: only its argmax is needed."""
-        x = _with_bias((torch.as_tensor(features, dtype=torch.float64) - self.mean) / self.std)
-        projected = (x @ self.lhs).float()
-        return {
-            lam: (projected @ (self.rhs / (self.eigs + lam)[:, None]).float())
-            .argmax(dim=1)
-            .eq(labels)
-            .double()
-            .mean()
-            .item()
-            for lam in grid
-        }
+        """Test accuracy for every λ in `grid`. The test features are projected onto `lhs` once (float32);
+        each λ then costs one [N_test, r] x [r, K] bf16 product whose argmax is certified (module docstring)."""
+        x = torch.as_tensor(features).float()
+        projected = _with_bias((x - self.mean.float()) / self.std.float()) @ self.lhs.float()
+        p16 = projected.bfloat16()
+        p16_abs = p16.abs().float()
+        accuracies = {}
+        for lam in grid:
+            r = self.rhs / (self.eigs + lam)[:, None]
+            r32 = (r - r.mean(dim=1, keepdim=True)).float()
+            r16 = r32.bfloat16()
+            top = (p16 @ r16).topk(2, dim=1)
+            best, runner_up = top.values.float().unbind(dim=1)
+            predicted = top.indices[:, 0]
+            # Σ_k |p_ik||r_kj| ≤ Σ_k |p_ik| max_j |r_kj|: one matrix-vector product bounds every class.
+            error = _BF16_ERROR * (p16_abs @ r16.abs().amax(dim=1).float()) + _BF16_U * best.abs()
+            unsure = (best - runner_up <= 2.0 * error).nonzero().squeeze(1)
+            predicted[unsure] = (projected[unsure] @ r32).argmax(dim=1)
+            accuracies[lam] = predicted.eq(labels).double().mean().item()
+        return accuracies
 
     def leave_one_out_accuracy(self, labels: torch.Tensor, l2_reg: float) -> float:
         """Exact leave-one-out accuracy on the few-shot set: prediction_i = (ŷ_i − h_ii·y_i) / (1 − h_ii)
@@ -93,6 +115,16 @@ class RidgeSolver:
             fitted = self.x @ self.weights(l2_reg)
         loo = (fitted - hat_diag[:, None] * self.y) / (1.0 - hat_diag)[:, None]
         return (loo.argmax(dim=1) == labels).double().mean().item()
+
+
+# |bf16(a)·bf16(b) − a·b| ≤ (2u + u²)|a||b| with u = 2⁻⁸, times slack for float32 accumulation and the
+# rounding of the |P|·|R| bound itself; the bf16 output adds u·|score|.
+_BF16_U = 2.0**-8
+_BF16_ERROR = 1.05 * (2 * _BF16_U + _BF16_U**2)
+
+
+def _targets(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    return 2.0 * torch.nn.functional.one_hot(labels, num_classes).double() - 1.0
 
 
 def _with_bias(x: torch.Tensor) -> torch.Tensor:
