@@ -6,6 +6,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import datasets
 import PIL.Image
 import pytest
 
@@ -45,6 +46,21 @@ def test_registry_lists_the_pipelines(project):
     assert "pretrain" in listed and "__default__" in listed
 
 
+def test_tiny_dedup_removes_the_leaked_test_copies(project):
+    kedro(project, "run", "--env", "tiny", "--pipeline", "dedup")
+    out = project / "data" / "tiny"
+    report = json.loads((out / "08_reporting" / "dedup_report.json").read_text())
+    leaks = embedded.leaked_copies(600)  # conf/tiny/catalog.yml: 600 images, one leaked copy per test set
+    assert report["known_leaks"]["found"] == report["known_leaks"]["leaked_copies"] == len(leaks) == 3
+    assert set(report["test_sets"]) == set(embedded.DOWNSTREAM_NAMES)
+    removed = {pair[0] for s in report["test_sets"].values() for pair in s["pairs"]}
+    assert {leak["pretrain_index"] for leak in leaks} <= removed and len(removed) == report["removed"]
+    deduped = datasets.load_from_disk(str(out / "02_intermediate" / "pretrain_deduped"))
+    assert len(deduped) == report["kept"] == 600 - report["removed"]
+    with PIL.Image.open(out / "08_reporting" / "dedup_pairs.png") as pairs:
+        assert pairs.size[0] > 600
+
+
 def test_tiny_pretrain_runs_end_to_end_and_resumes(project):
     kedro(project, "run", "--env", "tiny", "--pipeline", "pretrain")
     out = project / "data" / "tiny"
@@ -60,8 +76,9 @@ def test_tiny_pretrain_runs_end_to_end_and_resumes(project):
     history = json.loads((out / "07_model_output" / "pretrain_history.json").read_text())["records"]
     assert [r["step"] for r in history if "fewshot_digits_5shot_accuracy" in r] == [3, 6]
     report = json.loads((out / "08_reporting" / "pretrain_preprocess_report.json").read_text())
-    assert report["images_in"] == 600 and report["images_kept"] == 600
-    assert report["train_images"] + report["minival_images"] == 600
+    kept = json.loads((out / "08_reporting" / "dedup_report.json").read_text())["kept"]  # dedup ran first
+    assert kept < 600 and report["images_in"] == kept and report["images_kept"] == kept
+    assert report["train_images"] + report["minival_images"] == kept
     with PIL.Image.open(out / "08_reporting" / "pretrain_curves.png") as curves:
         assert curves.size[0] > 600
     model = load_model(out / "06_models" / "pretrain")

@@ -1,15 +1,16 @@
 from kedro.pipeline import Pipeline, node, pipeline
 
+from vit_pipelines.pipelines import dedup
 from vit_pipelines.pipelines.downstream import downstream_datasets
 from vit_pipelines.pipelines.pretrain import nodes
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    return pipeline(
+    return dedup.create_pipeline() + pipeline(
         [
             node(
                 nodes.preprocess,
-                inputs=["pretrain_raw", "params:pretrain.data"],
+                inputs=["pretrain_deduped", "params:pretrain.data"],
                 outputs=["pretrain_cache_train", "pretrain_cache_minival", "pretrain_preprocess_report"],
                 name="preprocess_pretrain_images",
             ),

@@ -1,0 +1,226 @@
+"""`find_near_duplicates` and the streaming search under it: many queries, in batches, against a small index.
+
+Cost is linear in the number of queries: each batch is decoded, described and compared with the index in
+bounded chunks, then dropped; only the matches are kept. With `num_proc` > 1, worker processes take batches
+in turn (they inherit the index and a memory-mapped dataset when the platform can fork).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import time
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import datasets
+import numpy as np
+import PIL.Image
+from threadpoolctl import threadpool_limits
+from tqdm.auto import tqdm
+
+from vit_pipelines.data.ops import BadImageError
+from vit_pipelines.dedup.fingerprint import canonical
+from vit_pipelines.dedup.index import Queries, ReferenceIndex
+
+log = logging.getLogger(__name__)
+
+DEFAULT_THRESHOLD = 0.9
+"""Band-passed luminance correlation from which a query is a copy (docs/dedup.md has the measurements)."""
+
+
+@dataclass(frozen=True)
+class DedupConfig:
+    """Knobs of the two-stage search; the defaults are those of `conf/base/parameters_dedup.yml`."""
+
+    threshold: float = DEFAULT_THRESHOLD  # stage 2: a copy scores at least this (correlation, -1..1)
+    colour_threshold: float = 0.93  # stage 2: colour agreement a coloured query must reach (cosine)
+    candidate_threshold: float = 0.75  # stage 1: DCT-descriptor cosine to become a candidate
+    max_candidates: int = 3  # stage 1: candidates verified per query, best first
+    batch_size: int = 512  # queries decoded and compared at a time
+    num_proc: int = 1  # worker processes; 1 searches in this process
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> DedupConfig:
+        """The known keys of `params` (others, such as the pipeline's, are ignored)."""
+        return cls(**{k: v for k, v in params.items() if k in cls.__dataclass_fields__ and v is not None})
+
+
+@dataclass(frozen=True)
+class Match:
+    query: int
+    reference: int
+    score: float  # stage-2 correlation, -1..1
+    colour: float  # stage-2 colour agreement (1 for a grey query)
+    mirrored: bool  # the query matches the reference flipped left-right
+
+
+@dataclass
+class SearchResult:
+    matches: list[Match]  # at most one per query (its best reference), by query index
+    queries: int
+    skipped: dict[str, int] = field(default_factory=dict)  # unreadable queries by reason
+    seconds: float = 0.0
+
+
+def find_near_duplicates(
+    queries: Sequence[Any] | datasets.Dataset,
+    references: Sequence[Any] | datasets.Dataset,
+    threshold: float | None = None,
+    *,
+    config: DedupConfig | None = None,
+    progress: bool = False,
+) -> list[tuple[int, int, float]]:
+    """`(query_index, reference_index, score)` for every query that is a near-duplicate of some reference
+    (its best match), sorted by query index.
+
+    `queries` and `references` are sequences of PIL images (encoded bytes, HF `{"bytes", "path"}` dicts and
+    paths work too) or HF Datasets with an `image` column. Robust to JPEG re-encoding, resizing (any aspect),
+    crops of up to 10% of a side, borders, horizontal flips, brightness/contrast/saturation changes and
+    grayscale. `threshold` (default `DEFAULT_THRESHOLD`) overrides `config.threshold`. Unreadable images are
+    skipped (queries: logged); raises ValueError when no reference is readable, TypeError for other inputs.
+    """
+    config = config or DedupConfig()
+    if threshold is not None:
+        config = replace(config, threshold=threshold)
+    index, _ = build_index(references)
+    result = search(queries, index, config, progress=progress)
+    if result.skipped:
+        log.warning("skipped %d unreadable queries: %s", sum(result.skipped.values()), result.skipped)
+    return [(m.query, m.reference, m.score) for m in result.matches]
+
+
+def build_index(references: Sequence[Any] | datasets.Dataset) -> tuple[ReferenceIndex, dict[str, int]]:
+    """The index over all readable references, and the unreadable ones counted by reason. Reference indices
+    in matches count every reference, readable or not."""
+    images = _ImageSource(references, "references")
+    if len(images) == 0:
+        raise ValueError("references is empty: there is nothing to de-duplicate against")
+    arrays, kept, skipped = _canonical_batch(images.batch(0, len(images)))
+    if not kept:
+        raise ValueError(f"none of the {len(images)} references could be read: {dict(skipped)}")
+    if skipped:
+        log.warning("skipped %d unreadable references: %s", sum(skipped.values()), dict(skipped))
+    return ReferenceIndex(arrays, np.array(kept)), dict(skipped)
+
+
+def join_references(
+    sets: Mapping[str, Sequence[Any] | datasets.Dataset],
+) -> tuple[list[Any], list[tuple[str, int]]]:
+    """The images of several named reference sets as one list (for one index), and for each image its
+    (set name, index within the set)."""
+    images, owners = [], []
+    for name, data in sets.items():
+        source = _ImageSource(data, name)
+        images += source.batch(0, len(source))
+        owners += [(name, i) for i in range(len(source))]
+    return images, owners
+
+
+def search(
+    queries: Sequence[Any] | datasets.Dataset,
+    index: ReferenceIndex,
+    config: DedupConfig,
+    progress: bool = True,
+) -> SearchResult:
+    """Stream `queries` through both stages, `config.batch_size` at a time on `config.num_proc` processes."""
+    source = _ImageSource(queries, "queries")
+    start = time.perf_counter()
+    spans = [(s, min(s + config.batch_size, len(source))) for s in range(0, len(source), config.batch_size)]
+    matches: list[Match] = []
+    skipped: Counter[str] = Counter()
+    with tqdm(total=len(source), unit="img", desc="de-duplicating", disable=not progress) as bar:
+        for batch_matches, batch_skipped, size in _map_spans(spans, source, index, config):
+            matches += batch_matches
+            skipped.update(batch_skipped)
+            bar.update(size)
+    matches.sort(key=lambda m: m.query)
+    return SearchResult(matches, len(source), dict(skipped), time.perf_counter() - start)
+
+
+# --------------------------------------------------------------------------------------- batches and workers
+class _ImageSource:
+    """Uniform slicing over a sequence of images or a Dataset's `image` column (left undecoded)."""
+
+    def __init__(self, data: Sequence[Any] | datasets.Dataset, what: str) -> None:
+        if isinstance(data, datasets.Dataset):
+            if "image" not in data.column_names:
+                raise ValueError(f"{what} has no 'image' column; its columns are {data.column_names}")
+            data = data.select_columns(["image"])
+            if isinstance(
+                data.features["image"], datasets.Image
+            ):  # undecoded: a bad file must not raise here
+                data = data.cast_column("image", datasets.Image(decode=False))
+        elif isinstance(data, str | bytes | PIL.Image.Image) or not isinstance(data, Sequence):
+            raise TypeError(
+                f"{what} must be a sequence of images or a datasets.Dataset, got {type(data).__name__}"
+            )
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def batch(self, start: int, stop: int) -> list[Any]:
+        if isinstance(self.data, datasets.Dataset):
+            return self.data[start:stop]["image"]
+        return list(self.data[start:stop])
+
+
+def _canonical_batch(values: list[Any]) -> tuple[np.ndarray, list[int], Counter[str]]:
+    """What can be decoded: canonical arrays [K, 3, C, C], their positions in `values`; skipped by reason."""
+    arrays, kept, skipped = [], [], Counter()
+    for i, value in enumerate(values):
+        try:
+            arrays.append(canonical(value))
+            kept.append(i)
+        except BadImageError as err:
+            skipped[err.reason] += 1
+    return (np.stack(arrays) if arrays else np.empty((0, 3, 1, 1), np.float32)), kept, skipped
+
+
+def _search_span(
+    source: _ImageSource, index: ReferenceIndex, config: DedupConfig, span: tuple[int, int]
+) -> tuple[list[Match], Counter[str], int]:
+    """Both stages for queries[span]: the best verified match per query, skipped reasons, span length."""
+    arrays, kept, skipped = _canonical_batch(source.batch(*span))
+    if not kept:
+        return [], skipped, span[1] - span[0]
+    queries = Queries.from_canonical(arrays)
+    best: dict[int, Match] = {}
+    for candidate in index.candidates(queries, config.candidate_threshold, config.max_candidates):
+        score, colour = index.verify(queries, candidate, config.colour_threshold)
+        query = span[0] + kept[candidate.query]
+        if score >= config.threshold and score > best.get(query, _NO_MATCH).score:
+            best[query] = Match(query, int(index.ids[candidate.reference]), score, colour, candidate.flip)
+    return list(best.values()), skipped, span[1] - span[0]
+
+
+_NO_MATCH = Match(-1, -1, -2.0, 0.0, False)
+_WORKER: dict[str, Any] = {}  # each worker's source, index and config, set once by `_start_worker`
+
+
+def _start_worker(source: _ImageSource, index: ReferenceIndex, config: DedupConfig) -> None:
+    threadpool_limits(1)  # small matrix products run slower with BLAS threads; processes give the parallelism
+    _WORKER.update(source=source, index=index, config=config)
+
+
+def _worker_span(span: tuple[int, int]) -> tuple[list[Match], Counter[str], int]:
+    return _search_span(_WORKER["source"], _WORKER["index"], _WORKER["config"], span)
+
+
+def _map_spans(
+    spans: list[tuple[int, int]], source: _ImageSource, index: ReferenceIndex, config: DedupConfig
+) -> Iterator[tuple[list[Match], Counter[str], int]]:
+    if config.num_proc <= 1 or len(spans) <= 1:
+        with threadpool_limits(1):
+            yield from (_search_span(source, index, config, span) for span in spans)
+        return
+    # fork: workers inherit the index and the memory-mapped dataset instead of pickling them
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with ProcessPoolExecutor(
+        config.num_proc, multiprocessing.get_context(method), _start_worker, (source, index, config)
+    ) as pool:
+        yield from pool.map(_worker_span, spans)

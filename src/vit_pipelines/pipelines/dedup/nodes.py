@@ -1,0 +1,128 @@
+"""Nodes of the `dedup` pipeline: thin wrappers over `vit_pipelines.dedup`.
+
+The downstream test sets arrive as keyword arguments named after the downstream datasets
+(`downstream_datasets` in conf/base/globals.yml): one index covers them all; the report is keyed by name.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from typing import Any
+
+import datasets
+import matplotlib.pyplot as plt
+import numpy as np
+from PIL import ImageOps
+
+from vit_pipelines.data import embedded
+from vit_pipelines.data.ops import open_image
+from vit_pipelines.dedup import DedupConfig, build_index, join_references, search
+from vit_pipelines.dedup.plots import plot_pairs
+
+log = logging.getLogger(__name__)
+
+
+def find_duplicates(
+    pretrain: datasets.Dataset, params: dict[str, Any], **test_sets: datasets.Dataset
+) -> dict:
+    """Every pretraining image that is a near-duplicate of a test image, with its best match over all sets:
+    `{"pretrain_images", "test_images": {set: n}, "matches": [{"pretrain_index", "test_set", "test_index",
+    "score", "colour", "mirrored"}], "unreadable": {"pretrain"|"test": {reason: n}}, "seconds"}`."""
+    images, owners = join_references(test_sets)
+    index, unreadable_tests = build_index(images)
+    result = search(pretrain, index, DedupConfig.from_params(params), progress=True)
+    matches = [
+        {
+            "pretrain_index": m.query,
+            "test_set": owners[m.reference][0],
+            "test_index": owners[m.reference][1],
+            "score": round(m.score, 4),
+            "colour": round(m.colour, 4),
+            "mirrored": m.mirrored,
+        }
+        for m in result.matches
+    ]
+    log.info("%d of %d pretraining images are near-duplicates of test images (%.1f s, %.0f images/s)",
+             len(matches), len(pretrain), result.seconds, len(pretrain) / result.seconds)  # fmt: skip
+    return {
+        "pretrain_images": len(pretrain),
+        "test_images": {name: len(ds) for name, ds in test_sets.items()},
+        "matches": matches,
+        "unreadable": {"pretrain": result.skipped, "test": unreadable_tests},
+        "seconds": round(result.seconds, 2),
+    }
+
+
+def remove_duplicates(pretrain: datasets.Dataset, duplicates: dict) -> datasets.Dataset:
+    """The pretraining set without the matched images (unreadable ones stay: preprocessing counts them)."""
+    removed = {m["pretrain_index"] for m in duplicates["matches"]}
+    return pretrain.select([i for i in range(len(pretrain)) if i not in removed])
+
+
+def report_duplicates(pretrain: datasets.Dataset, duplicates: dict, params: dict[str, Any]) -> dict:
+    """Per test set: the pretraining images removed and their [pretrain_index, test_index, score]; the images
+    kept; the settings and speed; on the embedded default, recall of its documented leaked copies."""
+    matches = duplicates["matches"]
+    report = {
+        "pretrain_images": duplicates["pretrain_images"],
+        "kept": duplicates["pretrain_images"] - len(matches),
+        "removed": len(matches),
+        "test_sets": {
+            name: {
+                "test_images": size,
+                "removed": sum(m["test_set"] == name for m in matches),
+                "pairs": [
+                    [m["pretrain_index"], m["test_index"], m["score"]]
+                    for m in matches
+                    if m["test_set"] == name
+                ],
+            }
+            for name, size in duplicates["test_images"].items()
+        },
+        "unreadable": duplicates["unreadable"],
+        "config": asdict(DedupConfig.from_params(params)),
+        "seconds": duplicates["seconds"],
+        "images_per_second": round(duplicates["pretrain_images"] / max(duplicates["seconds"], 1e-9), 1),
+    }
+    if params.get("known_leaks") == "embedded":
+        report["known_leaks"] = _embedded_leak_recall(pretrain, matches, params.get("embedded_seed", 0))
+    return report
+
+
+def _embedded_leak_recall(pretrain: datasets.Dataset, matches: list[dict], seed: int) -> dict:
+    """The matches against `embedded.leaked_copies` if `pretrain` is the embedded default (by its classes)."""
+    if getattr(pretrain.features.get("label"), "names", None) != list(embedded.PRETRAIN_CLASS_NAMES):
+        return {"skipped": "the pretraining set is not the embedded default"}
+    leaks = {leak["pretrain_index"]: leak for leak in embedded.leaked_copies(len(pretrain), seed)}
+    found = {m["pretrain_index"]: m for m in matches}
+    hits = [q for q, leak in leaks.items() if found.get(q, {}).get("test_set") == leak["downstream"]]
+    return {
+        "leaked_copies": len(leaks),
+        "found": len(hits),
+        "recall": len(hits) / len(leaks) if leaks else None,
+        "matched_to_the_copied_image": sum(found[q]["test_index"] == leaks[q]["test_index"] for q in hits),
+        "missed": [leak for q, leak in leaks.items() if q not in hits],
+        "removed_not_leaked": [m for q, m in found.items() if q not in leaks],
+    }
+
+
+def plot_duplicates(
+    pretrain: datasets.Dataset, duplicates: dict, params: dict[str, Any], **test_sets: datasets.Dataset
+) -> plt.Figure:
+    """Up to `params["pairs_shown"]` removed pairs (pretraining | test image, mirrored when matched so),
+    evenly spaced from the highest score to the lowest, so the most doubtful matches are in view too."""
+    matches = sorted(duplicates["matches"], key=lambda m: -m["score"])
+    picks = np.unique(np.linspace(0, len(matches) - 1, min(len(matches), params["pairs_shown"])).round())
+    pairs = []
+    for m in (matches[int(i)] for i in picks):
+        test_image = open_image(test_sets[m["test_set"]][m["test_index"]]["image"])[0]
+        mirrored = " mirrored" if m["mirrored"] else ""
+        pairs.append((
+            open_image(pretrain[m["pretrain_index"]]["image"])[0],
+            ImageOps.mirror(test_image) if m["mirrored"] else test_image,
+            f"{m['pretrain_index']} ~ {m['test_set']}[{m['test_index']}]{mirrored} {m['score']:.3f}",
+        ))  # fmt: skip
+    return plot_pairs(
+        pairs, f"{len(pairs)} of {len(matches)} removed pretraining images (left) and their test images"
+    )
