@@ -9,36 +9,21 @@ from pathlib import Path
 import datasets
 import PIL.Image
 import pytest
+from conftest import copy_project, run_in
 
 from vit_pipelines.data import embedded
 from vit_pipelines.training.checkpoint import load_model
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
 def kedro(project: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "1"}
-    result = subprocess.run(
-        ["kedro", *args], cwd=project, env=env, capture_output=True, text=True, timeout=600, check=False
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
+    return run_in(project, "kedro", *args)
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    """A copy of the project without its data, as a fresh clone would have it."""
-    copy = tmp_path_factory.mktemp("project")
-    for name in ("conf", "src", "pyproject.toml", ".telemetry"):
-        source = ROOT / name
-        if source.is_dir():
-            shutil.copytree(source, copy / name, ignore=shutil.ignore_patterns("__pycache__", "local"))
-        else:
-            shutil.copy(source, copy / name)
-    (copy / "conf" / "local").mkdir(exist_ok=True)
-    (copy / "data").mkdir()
-    return copy
+    return copy_project(tmp_path_factory.mktemp("project"))
 
 
 def test_registry_lists_the_pipelines(project):
@@ -148,12 +133,17 @@ def test_tiny_finetune_chooses_a_learning_rate_on_dev_and_tests_raw_and_ema_weig
         assert result["steps"] == 4 and result["ema_decay"] == 0.5
         assert result["dev_train_images"] + result["dev_images"] == result["train_images"]
         assert result["dev_images"] == pytest.approx(0.1 * result["train_images"], abs=1)
+        scratch = result["from_scratch"]  # the same grid and budget from random weights
+        assert set(scratch["dev_accuracy"]) == set(dev) and scratch["chosen_lr"] in grid
+        assert result["pretraining_gain"] == pytest.approx(
+            result["test_accuracy_ema"] - scratch["test_accuracy_ema"]
+        )
         model = load_model(out / "06_models" / "finetune" / name)
         assert model.config.image_size == (24, 24) and model.config.num_classes == result["num_classes"]
         assert model.config.representation_size is None  # one linear head, no pre-logits
     with PIL.Image.open(out / "08_reporting" / "finetune_curves.png") as curves:
         assert curves.size[0] > 900
-    # Every run (one per dataset and LR, one final per dataset) left its last checkpoint to resume from.
+    # Every run (per dataset, pretrained and from scratch: one per LR and one final) left its last checkpoint.
     finals = list((out / "06_models" / "finetune" / "checkpoints").glob("*/*/step_*"))
-    assert len(finals) == len(embedded.DOWNSTREAM_NAMES) * (len(grid) + 1)
-    assert sum((f / "ema.safetensors").exists() for f in finals) == len(embedded.DOWNSTREAM_NAMES)
+    assert len(finals) == 2 * len(embedded.DOWNSTREAM_NAMES) * (len(grid) + 1)
+    assert sum((f / "ema.safetensors").exists() for f in finals) == 2 * len(embedded.DOWNSTREAM_NAMES)

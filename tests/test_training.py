@@ -1,6 +1,7 @@
 """The training loop: weight-decay groups, schedules, losses, gradient accumulation and exact resume."""
 
 import math
+import shutil
 import subprocess
 import sys
 import time
@@ -15,15 +16,16 @@ import torch.nn.functional as F
 from vit_pipelines.models import VisionTransformer, ViTConfig
 from vit_pipelines.training import TrainConfig, train
 from vit_pipelines.training.checkpoint import latest_training_state, load_model, save_model
+from vit_pipelines.training.loop import NonFiniteLossError
 from vit_pipelines.training.losses import classification_loss
 from vit_pipelines.training.optim import build_optimizer, lr_multiplier, param_groups
 
 
 def tiny_model(seed: int = 0, **overrides) -> VisionTransformer:
     torch.manual_seed(seed)
-    fields = dict(depth=2, width=32, mlp_dim=64, num_heads=2, representation_size=16)
+    fields = dict(depth=2, width=32, mlp_dim=64, num_heads=2, representation_size=16, num_classes=3)
     fields.update(overrides)
-    model = VisionTransformer(ViTConfig.from_variant("Ti/4", image_size=8, num_classes=3, **fields))
+    model = VisionTransformer(ViTConfig.from_variant("Ti/4", image_size=8, **fields))
     torch.nn.init.normal_(model.head.weight, std=0.1)  # a zero head would leave most gradients zero at step 1
     return model
 
@@ -272,3 +274,73 @@ def test_resume_with_ema_gives_the_same_ema_weights(tmp_path):
         straight.ema_model.state_dict().items(), resumed.ema_model.state_dict().values(), strict=True
     ):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6, msg=name)
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step_and_saves_no_nan_weights(tmp_path):
+    model, calls = tiny_model(), []
+
+    def poison(module, inputs, output):  # NaN logits from the 7th forward pass (step 7) on
+        calls.append(1)
+        return output * float("nan") if len(calls) >= 7 else output
+
+    model.register_forward_hook(poison)
+    run = config(steps=30, log_every=5, checkpoint_every=2, keep_checkpoints=100)
+    with pytest.raises(
+        NonFiniteLossError, match=r"NaN or infinite at step 7; stopped without saving"
+    ) as error:
+        train(model, tiny_cache(), run, checkpoint_dir=tmp_path)
+    saved = sorted(next(tmp_path.iterdir()).glob("step_*"))
+    assert [p.name for p in saved] == ["step_0000002", "step_0000004", "step_0000006"]  # step 8 was not saved
+    assert str(saved[-1]) in str(error.value)  # the last good checkpoint is named
+    for folder in saved:
+        assert all(torch.isfinite(w).all() for w in load_model(folder).state_dict().values()), folder.name
+
+
+def test_labels_outside_the_model_classes_fail_before_training():
+    cache = tiny_cache()  # labels 0..2
+    with pytest.raises(ValueError, match=r"labels span 0\.\.2 but the model has 2 classes"):
+        train(tiny_model(num_classes=2), cache, config())
+
+
+def test_an_unwritable_or_full_checkpoint_folder_fails_before_training(tmp_path, monkeypatch):
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("x")
+    with pytest.raises(OSError, match="cannot write checkpoints to .*Point checkpoint_dir at a writable"):
+        train(tiny_model(), tiny_cache(), config(checkpoint_every=2), checkpoint_dir=not_a_folder / "ckpt")
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=1000))  # 1 kB left
+    with pytest.raises(OSError, match=r"MiB free but the checkpoints need about"):
+        train(tiny_model(), tiny_cache(), config(checkpoint_every=2), checkpoint_dir=tmp_path / "ckpt")
+    assert not list((tmp_path / "ckpt").rglob("step_*"))  # nothing trained, nothing written
+
+
+RANDOM_KILL_RUN = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_training import config, tiny_cache, tiny_model, train
+train(tiny_model(dropout=0.1), tiny_cache(), config(steps=60, checkpoint_every=4, keep_checkpoints=2,
+      ema_decay=0.9), checkpoint_dir={root!r})
+"""
+
+
+def test_killed_at_a_random_moment_and_rerun_ends_with_the_uninterrupted_weights(tmp_path):
+    delay = float(np.random.default_rng().uniform(0.5, 3.0))  # a different moment on every test run
+    script = RANDOM_KILL_RUN.format(tests=str(Path(__file__).parent), root=str(tmp_path))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(tmp_path.glob("*/step_*")):  # once the run has started
+        time.sleep(0.02)
+    time.sleep(delay)
+    proc.kill()
+    proc.wait()
+    run = config(steps=60, checkpoint_every=4, keep_checkpoints=2, ema_decay=0.9)
+    resumed = train(tiny_model(seed=5, dropout=0.1), tiny_cache(), run, checkpoint_dir=tmp_path)
+    straight = train(tiny_model(dropout=0.1), tiny_cache(), run)
+    print(f"killed after {delay:.2f} s, resumed from step {resumed.resumed_from_step} of 60")
+    for ours, reference in ((resumed.model, straight.model), (resumed.ema_model, straight.ema_model)):
+        for (name, a), b in zip(ours.state_dict().items(), reference.state_dict().values(), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6, msg=name)
+    assert [r["step"] for r in resumed.history if "loss" in r] == list(range(2, 61, 2))

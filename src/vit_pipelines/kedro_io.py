@@ -1,4 +1,4 @@
-"""Kedro datasets for the catalog: image sources, Arrow caches and ViT checkpoints.
+"""Kedro I/O: datasets for image sources, Arrow caches and ViT checkpoints, and the rank-aware catalog.
 
 The only module below `pipelines/` that imports Kedro; it adapts the Kedro-free layers to the catalog.
 """
@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-from kedro.io import AbstractDataset, DatasetError
+from kedro.io import AbstractDataset, DataCatalog, DatasetError, MemoryDataset
 
 from vit_pipelines.data.sources import load_image_dataset
 from vit_pipelines.models.vit import VisionTransformer
 from vit_pipelines.training.checkpoint import WEIGHTS, load_model, save_model
+from vit_pipelines.training.loop import process_state
 
 
 class ImageSourceDataset(AbstractDataset[None, datasets.Dataset]):
@@ -87,3 +88,19 @@ class ViTModelDataset(AbstractDataset[VisionTransformer, VisionTransformer | Non
 
     def _describe(self) -> dict[str, Any]:
         return {"path": str(self._path)}
+
+
+class RankAwareCatalog(DataCatalog):
+    """The catalog for `accelerate launch … -m kedro run`: every rank runs the same nodes, but only the main
+    process writes files. The other ranks keep in-memory datasets only, and all ranks meet at a barrier after
+    each save, so no rank reads a file before the main process has written it whole. One process: a plain
+    `DataCatalog`."""
+
+    def save(self, ds_name: str, data: Any) -> None:
+        state = process_state()
+        if state.num_processes == 1:
+            return super().save(ds_name, data)
+        if state.is_main_process or isinstance(self[ds_name], MemoryDataset):
+            super().save(ds_name, data)
+        state.wait_for_everyone()
+        return None

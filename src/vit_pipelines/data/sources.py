@@ -19,6 +19,7 @@ import glob
 import hashlib
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -113,10 +114,15 @@ def _load_embedded(
             if name == "pretrain"
             else embedded.build_downstream(name, **options)
         )
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")  # per process: ranks may build at once
         shutil.rmtree(tmp, ignore_errors=True)
         built.save_to_disk(str(tmp))
-        tmp.rename(path)  # atomic: a crash mid-build leaves no half-written set behind
+        try:
+            tmp.rename(path)  # atomic: a crash mid-build leaves no half-written set behind
+        except OSError:
+            if not path.exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same set first
     ds = datasets.load_from_disk(str(path))
     if isinstance(ds, datasets.DatasetDict):
         ds = _pick_split(ds, split, f"embedded:{name}")

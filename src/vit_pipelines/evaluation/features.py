@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from pathlib import Path
 
 import datasets
@@ -62,7 +63,7 @@ def cached_features(
             return stored["features"], stored["labels"]
     features, labels = extract_features(model, cache, pp, batch_size, desc=name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
+    tmp = path.with_suffix(f".tmp{os.getpid()}.npz")  # per process: ranks may write the same features
     np.savez(tmp, features=features, labels=labels)
     tmp.replace(path)
     return features, labels

@@ -461,7 +461,10 @@ def _reconcile(
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
-        raise ValueError(f"the checkpoint does not fit the model it describes ({config}):\n{err}") from err
+        raise ValueError(
+            f"the checkpoint does not fit the model it describes ({config}): its weights and its config "
+            f"disagree; use the config it was trained with (format=, hf_config=, or its own config.json):\n{err}"
+        ) from err
     return model.eval()
 
 

@@ -67,7 +67,8 @@ class ViTConfig:
         for size, patch in zip(self.image_size, self.patch_size, strict=True):
             if size % patch:
                 raise ValueError(
-                    f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}"
+                    f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}: "
+                    "choose an image size that is a multiple of the patch size (e.g. 224 for /16, 32 for /4)"
                 )
         if not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.attention_dropout < 1.0:
             raise ValueError("dropout rates must be in [0, 1)")

@@ -5,6 +5,10 @@ each update (stateless, so a resume is exact); dropout is re-seeded from the ste
 and reach the host only every `log_every` steps, so the loop has no per-step host sync (XLA-friendly).
 With `ema_decay`, float32 Polyak / EMA copies of the weights follow every update (paper: 0.9999 for the headline
 fine-tuned results) and are checkpointed with the rest.
+
+A checkpoint needs no RNG or data-loader state: augmentation is seeded by the position in the seeded example
+stream and dropout by the step, so (weights, optimiser, EMA, step) resume a run exactly. A non-finite loss is
+noticed at the next log or checkpoint step (still no per-step sync) and stops the run before anything is saved.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import hashlib
 import json
 import logging
 import math
+import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,8 +31,8 @@ from typing import Any
 import datasets
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
-from accelerate.utils import DataLoaderConfiguration
+from accelerate.state import AcceleratorState, PartialState
+from accelerate.utils import DataLoaderConfiguration, parse_flag_from_env
 from tqdm.auto import tqdm
 
 from vit_pipelines.data.loader import train_loader
@@ -98,6 +104,13 @@ def resolve_mixed_precision(requested: str) -> str:
     return "bf16" if torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX") else "no"
 
 
+def process_state() -> PartialState:
+    """Accelerate's per-process state: the process group under `accelerate launch`. `ACCELERATE_USE_CPU` is
+    honoured as `Accelerator` honours it; a bare `PartialState()` would not, and, being shared, would leave a
+    CPU launch without its gloo ranks."""
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
 def make_accelerator(mixed_precision: str = "auto") -> Accelerator:
     """An Accelerator that splits each global batch across processes. Accelerate keeps one state per
     process; a run asking for another precision than the last one resets it (the process group stays)."""
@@ -147,6 +160,7 @@ def train(
             f"batch_size {config.batch_size} must be a multiple of micro_batch_size {micro} x {world} processes"
         )
     accumulation = config.batch_size // (micro * world)
+    check_labels(train_cache, model.config.num_classes)
     torch.manual_seed(config.seed)
     optimizer = build_optimizer(
         model, config.optimizer, config.lr, config.weight_decay, config.betas, config.momentum
@@ -156,14 +170,16 @@ def train(
     if config.ema_decay is not None:
         ema = {name: p.detach().float().clone() for name, p in model.named_parameters()}
 
-    run_dir, start = None, 0
+    run_dir, start, history = None, 0, []
     if checkpoint_dir is not None:
         run_dir = Path(checkpoint_dir) / run_fingerprint(model, config, len(train_cache))
+        if accelerator.is_main_process and config.checkpoint_every:
+            check_writable(run_dir, checkpoint_bytes(model, optimizer, ema) * (config.keep_checkpoints + 1))
         latest = latest_training_state(run_dir)
         if latest is not None:
-            start = load_training_state(latest, model, optimizer, ema)["step"]
+            saved = load_training_state(latest, model, optimizer, ema)
+            start, history = saved["step"], saved.get("history", [])
             log.info("resuming from %s (step %d of %d)", latest, start, config.steps)
-    history: list[dict[str, float]] = json.loads((run_dir / "history.json").read_text()) if start else []
 
     model, optimizer = accelerator.prepare(model, optimizer)
     loader = train_loader(
@@ -188,6 +204,7 @@ def train(
     end = config.steps if stop_after is None else min(config.steps, start + stop_after)
     bar = tqdm(total=config.steps, initial=start, desc=description, disable=not accelerator.is_main_process)
     sums = torch.zeros(3, device=accelerator.device)  # loss sum, correct, examples since the last log
+    first_bad = torch.full((), -1, dtype=torch.long, device=accelerator.device)  # first non-finite loss step
     t_start = t_log = time.perf_counter()
     images_since_log = 0
     model.train()
@@ -205,6 +222,8 @@ def train(
                 logits = model(batch["images"])
                 loss = classification_loss(logits, batch["labels"], config.loss, config.label_smoothing)
                 accelerator.backward(loss / accumulation)
+            bad = ~torch.isfinite(loss.detach()) & (first_bad < 0)
+            first_bad = torch.where(bad, step + 1, first_bad)  # on the device: no host sync
             n = batch["labels"].shape[0]
             sums += torch.stack(
                 [loss.detach() * n, (logits.argmax(-1) == batch["labels"]).sum(), sums.new_tensor(n)]
@@ -220,6 +239,13 @@ def train(
         is_last = done == config.steps
         bar.update(1)
 
+        saving = (
+            run_dir is not None
+            and config.checkpoint_every
+            and (done % config.checkpoint_every == 0 or is_last)
+        )
+        if done % config.log_every == 0 or is_last or done == end or saving:
+            stop_if_not_finite(accelerator, first_bad, run_dir)
         if done % config.log_every == 0 or is_last or done == end:
             loss_sum, correct, seen = accelerator.reduce(sums, reduction="sum").tolist()
             seconds = time.perf_counter() - t_log
@@ -241,19 +267,18 @@ def train(
         if evaluators and (is_last or (config.eval_every and done % config.eval_every == 0)):
             history.append(evaluate(done))
             model.train()
-        if (
-            run_dir is not None
-            and config.checkpoint_every
-            and (done % config.checkpoint_every == 0 or is_last)
-        ):
+        if saving:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                state = {"fingerprint": run_dir.name, "config": dataclasses.asdict(config)}
+                state = {
+                    "fingerprint": run_dir.name,
+                    "config": dataclasses.asdict(config),
+                    "history": history,
+                }
                 save_training_state(
                     run_dir, done, accelerator.unwrap_model(model), optimizer, state, config.keep_checkpoints,
                     ema=ema,
                 )  # fmt: skip
-                (run_dir / "history.json").write_text(json.dumps(history))
         t_log += time.perf_counter() - t_pause
     bar.close()
     wall = time.perf_counter() - t_start
@@ -272,6 +297,70 @@ def train(
         images_per_second=throughput,
         ema_model=ema_model,
     )
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; nothing after the last good checkpoint was saved."""
+
+
+def stop_if_not_finite(accelerator: Accelerator, first_bad: torch.Tensor, run_dir: Path | None) -> None:
+    """Raise `NonFiniteLossError` naming the first bad step (any rank's) and the checkpoint to go back to."""
+    bad_steps = accelerator.gather(first_bad.reshape(1))
+    if (bad_steps < 0).all():
+        return
+    step = int(bad_steps[bad_steps >= 0].min())
+    latest = latest_training_state(run_dir) if run_dir is not None else None
+    kept = f"the last good checkpoint, {latest}, is kept" if latest else "no checkpoint had been written yet"
+    raise NonFiniteLossError(
+        f"the training loss became NaN or infinite at step {step}; stopped without saving; {kept}. "
+        "Lower the learning rate, enable grad_clip or warmup, or use mixed_precision 'no' / 'bf16' "
+        "instead of 'fp16'."
+    )
+
+
+def check_labels(cache: datasets.Dataset, num_classes: int) -> None:
+    """Every label must be a class index of the model: a clear error before any training."""
+    if "label" not in cache.column_names:
+        raise ValueError(f"the training data has no 'label' column; its columns are {cache.column_names}")
+    labels = cache.select_columns(["label"]).with_format("numpy")[:]["label"]  # not the images
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= num_classes:
+        raise ValueError(
+            f"labels span {low}..{high} but the model has {num_classes} classes (0..{num_classes - 1}): "
+            "fix the label column or the model's num_classes"
+        )
+
+
+def checkpoint_bytes(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: dict[str, torch.Tensor] | None
+) -> int:
+    """Size of one checkpoint: weights, optimiser state (estimated as 2 float32 copies for Adam, 1 for SGD
+    momentum) and EMA weights."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    copies = 2 if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) else 1
+    floats = sum(p.numel() for p in model.parameters()) * 4
+    return weights + copies * floats + (floats if ema is not None else 0)
+
+
+def check_writable(folder: Path, needed_bytes: int) -> None:
+    """Fail before training when checkpoints could not be written: `folder` cannot be created or written,
+    or its disk has less free space than `needed_bytes`."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write_test_{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise OSError(
+            f"cannot write checkpoints to {folder}: {err.strerror or err}. "
+            "Point checkpoint_dir at a writable folder (conf/local/parameters_*.yml)."
+        ) from err
+    free = shutil.disk_usage(folder).free
+    if free < needed_bytes:
+        raise OSError(
+            f"{folder} has {free / 2**20:.0f} MiB free but the checkpoints need about "
+            f"{needed_bytes / 2**20:.0f} MiB: free some space, lower keep_checkpoints or move checkpoint_dir"
+        )
 
 
 def steps_for_epochs(epochs: float, num_examples: int, batch_size: int) -> int:

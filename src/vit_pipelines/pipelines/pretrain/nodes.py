@@ -7,6 +7,7 @@ from typing import Any
 
 import datasets
 import matplotlib.pyplot as plt
+import torch
 
 from vit_pipelines.data.cache import cache_images, num_classes, split_minival
 from vit_pipelines.evaluation.classification import evaluate_accuracy
@@ -33,15 +34,19 @@ def preprocess(
     return train_split, minival, report
 
 
-def build_model(model_params: dict[str, Any], classes: int, loss: str = "softmax") -> VisionTransformer:
-    """`{"variant": "Ti/4", "image_size": 32, **overrides}` → a freshly initialised ViT for `classes`."""
+def build_model(
+    model_params: dict[str, Any], classes: int, loss: str = "softmax", seed: int = 0
+) -> VisionTransformer:
+    """`{"variant": "Ti/4", "image_size": 32, **overrides}` → a ViT for `classes`, initialised from `seed`
+    alone (not from whatever ran before in the process: every rank and every re-run starts the same)."""
     overrides = dict(model_params)
     variant, image_size = overrides.pop("variant"), overrides.pop("image_size")
     if loss == "sigmoid":
         overrides.setdefault("head_bias_init", SIGMOID_HEAD_BIAS)
-    return VisionTransformer(
-        ViTConfig.from_variant(variant, image_size=image_size, num_classes=classes, **overrides)
-    )
+    config = ViTConfig.from_variant(variant, image_size=image_size, num_classes=classes, **overrides)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return VisionTransformer(config)
 
 
 def pretrain(
@@ -56,7 +61,7 @@ def pretrain(
     probes its representation with few-shot ridge on them (paper Fig. 4), beside the minival accuracy.
     """
     config = TrainConfig.from_params(params["train"])
-    model = build_model(params["model"], num_classes(train_cache), config.loss)
+    model = build_model(params["model"], num_classes(train_cache), config.loss, config.seed)
     pp_eval, eval_batch = params["eval"]["pp"], params["eval"]["batch_size"]
     probe = params.get("fewshot") or {}
     names = sorted({key.rsplit("_", 1)[0] for key in downstream}) if probe.get("enabled") else []

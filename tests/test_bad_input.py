@@ -1,0 +1,44 @@
+"""Bad input gives one clear error that says what to change, before any long work starts."""
+
+import json
+
+import pytest
+import torch
+
+from vit_pipelines.data.sources import load_image_dataset
+from vit_pipelines.models import VisionTransformer, ViTConfig, load_pretrained
+from vit_pipelines.training.checkpoint import save_model
+
+
+@pytest.mark.parametrize("variant", ["X/16", "B16", "B/x"])
+def test_unknown_variant_names_list_the_known_sizes(variant):
+    with pytest.raises(
+        ValueError, match=r"variant must look like 'B/16' with size in \['B', 'H', 'L', 'S', 'Ti'\]"
+    ):
+        ViTConfig.from_variant(variant)
+
+
+def test_a_patch_size_that_does_not_divide_the_image_says_what_to_choose():
+    with pytest.raises(
+        ValueError, match=r"image_size \(32, 30\) is not divisible by patch_size \(4, 4\): choose"
+    ):
+        ViTConfig.from_variant("Ti/4", image_size=(32, 30))
+
+
+def test_a_checkpoint_of_another_shape_names_the_mismatch(tmp_path):
+    torch.manual_seed(0)
+    save_model(
+        VisionTransformer(ViTConfig.from_variant("Ti/4", image_size=16, depth=3, num_classes=5)), tmp_path
+    )
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "depth": 2}))  # config and weights disagree
+    with pytest.raises(
+        ValueError,
+        match=r"(?s)does not fit the model it describes .*use the config it was trained with.*blocks\.2",
+    ):
+        load_pretrained(tmp_path, format="native")
+
+
+def test_a_dataset_without_the_configured_label_column_lists_its_columns():
+    with pytest.raises(ValueError, match=r"has no column 'cls'; its columns are \['image', 'label'\]"):
+        load_image_dataset("embedded:digits", split="test", label_column="cls")
