@@ -106,7 +106,7 @@ def plot_finetune(per_dataset: Mapping[str, Mapping[str, Any]]) -> plt.Figure:
     accuracy of every learning rate of the grid, the chosen one in orange, beside the final test accuracies.
 
     Each result needs `history`, `dev_accuracy` ({lr: accuracy}), `chosen_lr`, `test_accuracy` and
-    `test_accuracy_ema` (None without EMA)."""
+    `test_accuracy_ema` (None without EMA); an optional `from_scratch` result is drawn as a red dotted line."""
     fig, axes = plt.subplots(
         len(per_dataset), 2, figsize=(14, 3.9 * len(per_dataset)), width_ratios=[10, 4], squeeze=False
     )
@@ -123,6 +123,11 @@ def plot_finetune(per_dataset: Mapping[str, Mapping[str, Any]]) -> plt.Figure:
             if result[key] is not None:
                 label = f"test {'EMA' if key.endswith('ema') else 'raw'} {result[key]:.3f}"
                 bars_ax.axhline(result[key], color="black", lw=1, ls=style, label=label)
+        scratch = result.get("from_scratch")
+        if scratch is not None:
+            key = "test_accuracy" if scratch["test_accuracy_ema"] is None else "test_accuracy_ema"
+            label = f"from scratch, test {scratch[key]:.3f}"
+            bars_ax.axhline(scratch[key], color="tab:red", lw=1, ls=":", label=label)
         bars_ax.set(xlabel="learning rate", ylabel="dev accuracy", ylim=(0, 1), title=f"{name}: LR grid")
         bars_ax.grid(alpha=0.3, axis="y")
         bars_ax.legend(fontsize=8, loc="best")

@@ -7,6 +7,7 @@ from typing import Any
 
 import datasets
 import matplotlib.pyplot as plt
+import torch
 
 from vit_pipelines.data.cache import cache_images, num_classes
 from vit_pipelines.evaluation.finetune import best_lr, dev_accuracies, finetune_and_test, plot_finetune
@@ -29,6 +30,14 @@ def select_model(pretrained_model: VisionTransformer | None, params: dict[str, A
             "or set finetune.checkpoint.path (and format) in conf/local/parameters_finetune.yml"
         )
     return pretrained_model
+
+
+def from_scratch_model(pretrained: VisionTransformer, params: dict[str, Any]) -> VisionTransformer:
+    """The same architecture, randomly initialised (seeded by `params["seed"]`): fine-tuned with the same grid
+    and budget, it is the baseline that shows what pretraining is worth."""
+    with torch.random.fork_rng():
+        torch.manual_seed(params["seed"])
+        return VisionTransformer(pretrained.config)
 
 
 def cache_splits(
@@ -108,13 +117,33 @@ def finetune_best(
     return (run.ema_model if run.ema_model is not None else run.model), result
 
 
+def with_baseline(pretrained: dict[str, Any], scratch: dict[str, Any]) -> dict[str, Any]:
+    """The fine-tuning result with, under `from_scratch`, the same grid, budget and resolution started from
+    random weights, and `pretraining_gain`: the test accuracy (EMA where kept) pretraining adds."""
+    kept = ("chosen_lr", "dev_accuracy", "test_accuracy", "test_accuracy_ema")
+    baseline = {k: scratch[k] for k in kept}
+    final = "test_accuracy" if pretrained["test_accuracy_ema"] is None else "test_accuracy_ema"
+    gain = pretrained[final] - scratch[final]
+    log.info(
+        "test accuracy %.4f fine-tuned vs %.4f from scratch (%s)", pretrained[final], scratch[final], final
+    )
+    return {**pretrained, "from_scratch": baseline, "pretraining_gain": gain}
+
+
+def _jsonable(result: dict[str, Any]) -> dict[str, Any]:
+    return {
+        **{k: v for k, v in result.items() if k != "history"},
+        "dev_accuracy": {str(lr): acc for lr, acc in sorted(result["dev_accuracy"].items())},
+    }
+
+
 def report(**per_dataset: dict[str, Any]) -> tuple[dict[str, Any], plt.Figure]:
-    """`finetune_metrics.json` (per dataset: chosen LR, dev accuracy per LR, test accuracy raw and EMA, sizes)
-    and the curves of the final runs beside the dev accuracy of every LR."""
+    """`finetune_metrics.json` (per dataset: chosen LR, dev accuracy per LR, test accuracy raw and EMA, sizes,
+    the from-scratch baseline) and the curves of the final runs beside the dev accuracy of every LR."""
     metrics = {
         name: {
-            **{k: v for k, v in result.items() if k != "history"},
-            "dev_accuracy": {str(lr): acc for lr, acc in sorted(result["dev_accuracy"].items())},
+            **_jsonable(result),
+            "from_scratch": _jsonable(result["from_scratch"]),
             "chance": 1.0 / result["num_classes"],
         }
         for name, result in per_dataset.items()

@@ -14,7 +14,13 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ["pretrained_model", "params:finetune"],
                 "finetune_pretrained_model",
                 name="select_finetune_model",
-            )
+            ),
+            node(
+                nodes.from_scratch_model,
+                ["finetune_pretrained_model", "params:finetune"],
+                "finetune_scratch_model",
+                name="init_from_scratch_model",
+            ),
         ]
     )
     per_dataset = [
@@ -41,13 +47,33 @@ def create_pipeline(**kwargs) -> Pipeline:
                 node(
                     nodes.finetune_best,
                     inputs=["finetune_pretrained_model", "train", "test", "sweep", "params:finetune"],
-                    outputs=["model", "result"],
+                    outputs=["model", "pretrained_result"],
                     name="finetune_best_lr",
+                ),
+                # the baseline: the same grid, budget and resolution from random weights
+                node(
+                    nodes.sweep_learning_rates,
+                    inputs=["finetune_scratch_model", "dev_train", "dev", "params:finetune"],
+                    outputs="scratch_sweep",
+                    name="sweep_learning_rates_from_scratch",
+                ),
+                node(
+                    nodes.finetune_best,
+                    inputs=["finetune_scratch_model", "train", "test", "scratch_sweep", "params:finetune"],
+                    outputs=["scratch_model", "scratch_result"],
+                    name="train_best_lr_from_scratch",
+                ),
+                node(
+                    nodes.with_baseline,
+                    inputs=["pretrained_result", "scratch_result"],
+                    outputs="result",
+                    name="compare_with_from_scratch",
                 ),
             ],
             namespace=f"finetune.{name}",
             inputs={
                 "finetune_pretrained_model": "finetune_pretrained_model",
+                "finetune_scratch_model": "finetune_scratch_model",
                 "train_raw": f"downstream.{name}.train",
                 "test_raw": f"downstream.{name}.test",
             },
