@@ -147,3 +147,21 @@ def test_tiny_finetune_chooses_a_learning_rate_on_dev_and_tests_raw_and_ema_weig
     finals = list((out / "06_models" / "finetune" / "checkpoints").glob("*/*/step_*"))
     assert len(finals) == 2 * len(embedded.DOWNSTREAM_NAMES) * (len(grid) + 1)
     assert sum((f / "ema.safetensors").exists() for f in finals) == 2 * len(embedded.DOWNSTREAM_NAMES)
+
+
+def test_tiny_vtab_runs_the_protocol_on_the_embedded_suite(project):
+    # Runs after the pretrain test above. conf/tiny/parameters_vtab.yml: 80 / 20 examples, 4 settings, 100 test.
+    kedro(project, "run", "--env", "tiny", "--pipeline", "vtab")
+    out = project / "data" / "tiny" / "08_reporting"
+    results = json.loads((out / "vtab_results.json").read_text())
+    assert set(results["tasks"]) == {"digits", "textures", "counting"} and results["failed"] == {}
+    assert set(results["group_mean"]) == {"natural", "specialized", "structured"}
+    chosen = results["chosen_setting"]["setting"]
+    means = results["chosen_setting"]["mean_val200"]
+    assert len(means) == 4 and means[chosen] == max(means.values())
+    for task in results["tasks"].values():
+        assert task["setting"] == chosen and task["train_images"] == 100 and task["test_images"] == 100
+        assert set(task["val200"]) == set(means) and 0 <= task["test_accuracy"] <= 1
+    assert results["mean"] == pytest.approx(sum(results["group_mean"].values()) / 3)  # one task per group
+    with PIL.Image.open(out / "vtab_groups.png") as plot:
+        assert plot.size[0] > 1000

@@ -7,7 +7,8 @@ left undecoded so bad files surface in preprocessing rather than here) and an in
 |---------------------------------|------------------------------------------------------------------|
 | `embedded:pretrain`             | the built-in pretraining set (built once, then kept as Arrow)    |
 | `embedded:<name>` + split       | a built-in downstream set (`digits`, …), split `train` / `test`  |
-| `parquet:<path or glob>`        | parquet file(s), e.g. a Hub dataset downloaded as parquet        |
+| `parquet:<path or glob>`        | parquet file(s), e.g. a Hub dataset downloaded as parquet; a     |
+|                                 | `{split}` in the path is replaced by the split                   |
 | `arrow:<dir>`                   | a directory written by `Dataset.save_to_disk` / `DatasetDict…`   |
 | `imagefolder:<dir>`             | `<dir>/<split>/<class>/*.png` or `<dir>/<class>/*.jpg`           |
 | `hub:<id>[:<config>]`           | `datasets.load_dataset(id, config, split=split)` (needs network) |
@@ -53,6 +54,7 @@ def load_image_dataset(
     if kind == "embedded":
         ds = _load_embedded(location, split, options or {}, Path(cache_dir))
     elif kind == "parquet":
+        location = location.format(split=split) if "{split}" in location else location
         ds = datasets.load_dataset("parquet", data_files={"data": _existing(location)}, split="data")
     elif kind == "arrow":
         ds = datasets.load_from_disk(_existing(location))

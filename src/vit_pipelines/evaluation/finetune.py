@@ -49,7 +49,7 @@ def finetune(
     )  # fmt: skip
 
 
-def _accuracy(
+def accuracy_as_trained(
     model: VisionTransformer, cache: datasets.Dataset, pp: str, batch_size: int, precision: str
 ) -> float:
     """`evaluate_accuracy` on the training device with the training precision (bf16 autocast where used)."""
@@ -70,7 +70,9 @@ def dev_accuracies(
     results = {}
     for config in configs:
         run = finetune(model, train_cache, config, checkpoint_dir, description=f"dev lr={config.lr:g}")
-        results[config.lr] = _accuracy(run.model, dev_cache, pp_eval, eval_batch, config.mixed_precision)
+        results[config.lr] = accuracy_as_trained(
+            run.model, dev_cache, pp_eval, eval_batch, config.mixed_precision
+        )
     return results
 
 
@@ -91,11 +93,13 @@ def finetune_and_test(
 
     run = finetune(model, train_cache, config, checkpoint_dir, {"test_accuracy": test_accuracy}, "final")
     scores = {
-        "test_accuracy": _accuracy(run.model, test_cache, pp_eval, eval_batch, config.mixed_precision),
+        "test_accuracy": accuracy_as_trained(
+            run.model, test_cache, pp_eval, eval_batch, config.mixed_precision
+        ),
         "test_accuracy_ema": None,
     }
     if run.ema_model is not None:
-        scores["test_accuracy_ema"] = _accuracy(
+        scores["test_accuracy_ema"] = accuracy_as_trained(
             run.ema_model, test_cache, pp_eval, eval_batch, config.mixed_precision
         )
     return run, scores

@@ -1,27 +1,53 @@
-"""Which downstream datasets the pipelines fan out over (few-shot, de-duplication, fine-tuning).
+"""What the downstream pipelines share: the lists they fan out over, and the model they start from.
 
-Kedro builds pipelines before it reads parameters, so the list lives in `conf/base/globals.yml`
-(`downstream_datasets`), read here from the project's `conf/` folder. Each name needs catalog entries
-`downstream.<name>.train` and `downstream.<name>.test`.
+Kedro builds pipelines before it reads parameters, so the lists live in `conf/base/globals.yml`, read here from
+the project's `conf/` folder: `downstream_datasets` (few-shot, de-duplication, fine-tuning; each name needs
+catalog entries `downstream.<name>.train` and `.test`) and `vtab_tasks` (each name needs an entry in the
+`vtab.tasks` registry, conf/base/parameters_vtab.yml).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from vit_pipelines.data.embedded import DOWNSTREAM_NAMES
+from vit_pipelines.models import VisionTransformer, load_pretrained
+
+
+def _names_from_globals(key: str, default: list[str], conf_source: str | Path) -> list[str]:
+    path = Path(conf_source) / "base" / "globals.yml"
+    if not path.exists():
+        return list(default)
+    names = (yaml.safe_load(path.read_text()) or {}).get(key)
+    if not names or not all(isinstance(n, str) and n.isidentifier() for n in names):
+        raise ValueError(f"{path}: {key} must be a non-empty list of identifiers, got {names!r}")
+    return list(names)
 
 
 def downstream_datasets(conf_source: str | Path = "conf") -> list[str]:
     """`downstream_datasets` from `<conf_source>/base/globals.yml`; the embedded sets outside a project."""
-    path = Path(conf_source) / "base" / "globals.yml"
-    if not path.exists():
-        return list(DOWNSTREAM_NAMES)
-    names = (yaml.safe_load(path.read_text()) or {}).get("downstream_datasets")
-    if not names or not all(isinstance(n, str) and n.isidentifier() for n in names):
+    return _names_from_globals("downstream_datasets", list(DOWNSTREAM_NAMES), conf_source)
+
+
+def vtab_tasks(conf_source: str | Path = "conf") -> list[str]:
+    """`vtab_tasks` from `<conf_source>/base/globals.yml`; the embedded stand-in suite outside a project."""
+    return _names_from_globals("vtab_tasks", list(DOWNSTREAM_NAMES), conf_source)
+
+
+def start_model(
+    pretrained_model: VisionTransformer | None, params: dict[str, Any], *, pipeline: str, **load_options: Any
+) -> VisionTransformer:
+    """The checkpoint named by `params["checkpoint"]["path"]` (`load_pretrained` with `load_options`), else the
+    latest pretraining output; a clear error when there is neither."""
+    checkpoint = params.get("checkpoint") or {}
+    if checkpoint.get("path"):
+        return load_pretrained(checkpoint["path"], format=checkpoint.get("format", "auto"), **load_options)
+    if pretrained_model is None:
         raise ValueError(
-            f"{path}: downstream_datasets must be a non-empty list of identifiers, got {names!r}"
+            "no pretrained model found: run `kedro run --pipeline pretrain` first, or set "
+            f"{pipeline}.checkpoint.path (and format) in conf/local/parameters_{pipeline}.yml"
         )
-    return list(names)
+    return pretrained_model

@@ -14,23 +14,14 @@ from vit_pipelines.evaluation.features import cached_features
 from vit_pipelines.evaluation.fewshot import fewshot_grid, pp_for_size
 from vit_pipelines.evaluation.plots import plot_fewshot
 from vit_pipelines.models import VisionTransformer
+from vit_pipelines.pipelines.downstream import start_model
 
 log = logging.getLogger(__name__)
 
 
 def select_model(pretrained_model: VisionTransformer | None, params: dict[str, Any]) -> VisionTransformer:
-    """The checkpoint named by `params["checkpoint"]["path"]`, else the latest pretraining output."""
-    path = (params.get("checkpoint") or {}).get("path")
-    if path:
-        from vit_pipelines.models import load_pretrained
-
-        return load_pretrained(path, format=params["checkpoint"].get("format", "auto"))
-    if pretrained_model is None:
-        raise ValueError(
-            "no pretrained model found: run `kedro run --pipeline pretrain` first, "
-            "or set fewshot.checkpoint.path (and format) in conf/local/parameters_fewshot.yml"
-        )
-    return pretrained_model
+    """`fewshot.checkpoint.path` if set (its head and pre-logits kept), else the latest pretraining output."""
+    return start_model(pretrained_model, params, pipeline="fewshot")
 
 
 def evaluate_dataset(

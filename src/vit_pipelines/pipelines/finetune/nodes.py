@@ -11,25 +11,18 @@ import torch
 
 from vit_pipelines.data.cache import cache_images, num_classes
 from vit_pipelines.evaluation.finetune import best_lr, dev_accuracies, finetune_and_test, plot_finetune
-from vit_pipelines.models import VisionTransformer, load_pretrained
+from vit_pipelines.models import VisionTransformer
 from vit_pipelines.models.surgery import for_finetuning
+from vit_pipelines.pipelines.downstream import start_model
 from vit_pipelines.training.loop import TrainConfig
 
 log = logging.getLogger(__name__)
 
 
 def select_model(pretrained_model: VisionTransformer | None, params: dict[str, Any]) -> VisionTransformer:
-    """The checkpoint named by `params["checkpoint"]["path"]`, else the latest pretraining output."""
-    checkpoint = params.get("checkpoint") or {}
-    if checkpoint.get("path"):
-        # a one-class placeholder head lets headless checkpoints load; fine-tuning replaces every head anyway
-        return load_pretrained(checkpoint["path"], format=checkpoint.get("format", "auto"), num_classes=1)
-    if pretrained_model is None:
-        raise ValueError(
-            "no pretrained model found: run `kedro run --pipeline pretrain` first, "
-            "or set finetune.checkpoint.path (and format) in conf/local/parameters_finetune.yml"
-        )
-    return pretrained_model
+    """`finetune.checkpoint.path` if set, else the latest pretraining output. A one-class placeholder head lets
+    headless checkpoints load; fine-tuning replaces every head anyway."""
+    return start_model(pretrained_model, params, pipeline="finetune", num_classes=1)
 
 
 def from_scratch_model(pretrained: VisionTransformer, params: dict[str, Any]) -> VisionTransformer:
