@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from vit_pipelines.data.sources import load_image_dataset
+from vit_pipelines.evaluation.vtab import Task
 from vit_pipelines.models import VisionTransformer, ViTConfig, load_pretrained
 from vit_pipelines.training.checkpoint import save_model
 
@@ -42,3 +43,10 @@ def test_a_checkpoint_of_another_shape_names_the_mismatch(tmp_path):
 def test_a_dataset_without_the_configured_label_column_lists_its_columns():
     with pytest.raises(ValueError, match=r"has no column 'cls'; its columns are \['image', 'label'\]"):
         load_image_dataset("embedded:digits", split="test", label_column="cls")
+
+
+def test_misspelt_settings_name_the_keys_that_exist():
+    with pytest.raises(ValueError, match=r"unknown ViTConfig fields \['widht'\]; known: \[.*'width'"):
+        ViTConfig.from_dict({**ViTConfig.from_variant("Ti/4", image_size=16).to_dict(), "widht": 8})
+    with pytest.raises(ValueError, match=r"unknown keys of VTAB task 'x' \['flips'\]; known: \[.*'flip'"):
+        Task.from_params("x", {"group": "natural", "source": "embedded:digits", "flips": False})

@@ -16,6 +16,8 @@ import datasets
 import matplotlib.pyplot as plt
 import numpy as np
 
+from vit_pipelines.fields import check_known_fields
+
 GROUPS = ("natural", "specialized", "structured")
 
 
@@ -37,9 +39,7 @@ class Task:
 
     @classmethod
     def from_params(cls, name: str, params: Mapping[str, Any]) -> Task:
-        unknown = set(params) - set(cls.__dataclass_fields__) - {"name"}
-        if unknown:
-            raise ValueError(f"task {name!r}: unknown keys {sorted(unknown)}")
+        check_known_fields(cls, {**params, "name": name}, f"keys of VTAB task {name!r}")
         task = cls(name=name, **params)
         if task.group not in GROUPS:
             raise ValueError(f"task {name!r}: group must be one of {GROUPS}, got {task.group!r}")

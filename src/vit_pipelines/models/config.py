@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from vit_pipelines.fields import check_known_fields
+
 # Table 1 of the paper: (layers, hidden size D, MLP size, heads).
 VARIANTS: dict[str, tuple[int, int, int, int]] = {
     "Ti": (12, 192, 768, 3),
@@ -110,10 +112,7 @@ class ViTConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ViTConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown ViTConfig fields: {sorted(unknown)}")
+        check_known_fields(cls, values, "ViTConfig fields")
         return cls(**values)
 
     def to_json(self) -> str:

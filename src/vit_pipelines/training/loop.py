@@ -36,6 +36,7 @@ from accelerate.utils import DataLoaderConfiguration, parse_flag_from_env
 from tqdm.auto import tqdm
 
 from vit_pipelines.data.loader import train_loader
+from vit_pipelines.fields import check_known_fields
 from vit_pipelines.models.vit import VisionTransformer
 from vit_pipelines.training.checkpoint import latest_training_state, load_training_state, save_training_state
 from vit_pipelines.training.losses import classification_loss
@@ -75,10 +76,7 @@ class TrainConfig:
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(params) - known
-        if unknown:
-            raise ValueError(f"unknown training parameters {sorted(unknown)}; known: {sorted(known)}")
+        check_known_fields(cls, params, "training parameters")
         values = dict(params)
         if "betas" in values:
             values["betas"] = tuple(values["betas"])
