@@ -1,8 +1,27 @@
-from kedro.pipeline import Pipeline, node, pipeline
+from kedro.pipeline import Node, Pipeline, node, pipeline
 
 from vit_pipelines.data.cache import split_minival
 from vit_pipelines.pipelines.downstream import downstream_datasets
 from vit_pipelines.pipelines.finetune import nodes
+
+
+def _sweep_then_train(start: str, tag: str, model: str) -> list[Node]:
+    """From the model `start`: every LR of the grid on dev (`<tag>_sweep`), then the best on all of train
+    (`model`, `<tag>_result`)."""
+    return [
+        node(
+            nodes.sweep_learning_rates,
+            inputs=[start, "dev_train", "dev", "params:finetune"],
+            outputs=f"{tag}_sweep",
+            name=f"sweep_learning_rates_{tag}",
+        ),
+        node(
+            nodes.finetune_best,
+            inputs=[start, "train", "test", f"{tag}_sweep", "params:finetune"],
+            outputs=[model, f"{tag}_result"],
+            name=f"train_best_lr_{tag}",
+        ),
+    ]
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -38,31 +57,9 @@ def create_pipeline(**kwargs) -> Pipeline:
                     outputs=["dev_train", "dev"],
                     name="carve_dev_split",
                 ),
-                node(
-                    nodes.sweep_learning_rates,
-                    inputs=["finetune_pretrained_model", "dev_train", "dev", "params:finetune"],
-                    outputs="sweep",
-                    name="sweep_learning_rates",
-                ),
-                node(
-                    nodes.finetune_best,
-                    inputs=["finetune_pretrained_model", "train", "test", "sweep", "params:finetune"],
-                    outputs=["model", "pretrained_result"],
-                    name="finetune_best_lr",
-                ),
+                *_sweep_then_train("finetune_pretrained_model", "pretrained", model="model"),
                 # the baseline: the same grid, budget and resolution from random weights
-                node(
-                    nodes.sweep_learning_rates,
-                    inputs=["finetune_scratch_model", "dev_train", "dev", "params:finetune"],
-                    outputs="scratch_sweep",
-                    name="sweep_learning_rates_from_scratch",
-                ),
-                node(
-                    nodes.finetune_best,
-                    inputs=["finetune_scratch_model", "train", "test", "scratch_sweep", "params:finetune"],
-                    outputs=["scratch_model", "scratch_result"],
-                    name="train_best_lr_from_scratch",
-                ),
+                *_sweep_then_train("finetune_scratch_model", "scratch", model="scratch_model"),
                 node(
                     nodes.with_baseline,
                     inputs=["pretrained_result", "scratch_result"],
