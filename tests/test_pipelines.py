@@ -165,3 +165,18 @@ def test_tiny_vtab_runs_the_protocol_on_the_embedded_suite(project):
     assert results["mean"] == pytest.approx(sum(results["group_mean"].values()) / 3)  # one task per group
     with PIL.Image.open(out / "vtab_groups.png") as plot:
         assert plot.size[0] > 1000
+
+
+def test_an_unwritable_output_folder_fails_before_any_work(tmp_path):
+    blocked = copy_project(tmp_path / "blocked")
+    (blocked / "data" / "tiny").mkdir(parents=True)
+    (blocked / "data" / "tiny" / "08_reporting").write_text("a file where a folder should be")
+    result = subprocess.run(
+        ["kedro", "run", "--env", "tiny", "--pipeline", "pretrain"], cwd=blocked, capture_output=True, text=True,
+        timeout=600, check=False, env={**os.environ, "KEDRO_DISABLE_TELEMETRY": "1"},
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "cannot write" in output and "08_reporting is a file" in output, output[
+        -3000:
+    ]
+    assert not (blocked / "data" / "tiny" / "02_intermediate").exists()  # not even de-duplication ran

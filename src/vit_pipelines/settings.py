@@ -2,12 +2,13 @@
 
 from kedro.config import OmegaConfigLoader
 
-from vit_pipelines.hooks import QuietNonMainRanks
+from vit_pipelines.hooks import CheckOutputsWritable, QuietNonMainRanks
 from vit_pipelines.kedro_io import RankAwareCatalog
 
 # Under `accelerate launch`, only the main process writes catalog outputs; the other ranks stay quiet.
+# Every output location is checked for writing before a pipeline starts.
 DATA_CATALOG_CLASS = RankAwareCatalog
-HOOKS = (QuietNonMainRanks(),)
+HOOKS = (CheckOutputsWritable(), QuietNonMainRanks())
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {
