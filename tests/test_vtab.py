@@ -2,6 +2,7 @@
 parquet sources, and a failing task that does not take the others down."""
 
 import io
+import shutil
 from pathlib import Path
 
 import datasets
@@ -13,6 +14,7 @@ from PIL import Image
 
 from vit_pipelines.evaluation.vtab import GROUPS, Task, select_setting, summarise, train_pp, vtab_splits
 from vit_pipelines.models import VisionTransformer, ViTConfig
+from vit_pipelines.pipelines.downstream import downstream_datasets, vtab_tasks
 from vit_pipelines.pipelines.vtab import nodes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,3 +142,19 @@ def test_hub_shaped_parquet_tasks_run_and_a_failing_task_is_reported_without_sto
     written = [f.stat().st_mtime_ns for f in finals]
     assert nodes.sweep_task(model, params, task="local") == sweeps["local"]
     assert [f.stat().st_mtime_ns for f in sorted((tmp_path / "ckpt" / "local").glob("*/*/step_*"))] == written
+
+
+def test_the_one_line_in_conf_local_switches_the_suite(tmp_path):
+    for env in ("base", "local"):
+        (tmp_path / env).mkdir()
+    shutil.copy(ROOT / "conf" / "base" / "globals.yml", tmp_path / "base" / "globals.yml")
+    assert vtab_tasks(tmp_path) == ["digits", "textures", "counting"]
+    (tmp_path / "local" / "globals.yml").write_text("vtab_tasks: [" + ", ".join(VTAB_1K) + "]\n")
+    assert vtab_tasks(tmp_path) == VTAB_1K and downstream_datasets(tmp_path) == [
+        "digits",
+        "textures",
+        "counting",
+    ]
+    # the README's line is exactly that one
+    readme_line = "vtab_tasks: [" + ", ".join(VTAB_1K) + "]"
+    assert readme_line in (ROOT / "README.md").read_text()

@@ -1,7 +1,7 @@
 """What the downstream pipelines share: the lists they fan out over, and the model they start from.
 
-Kedro builds pipelines before it reads parameters, so the lists live in `conf/base/globals.yml`, read here from
-the project's `conf/` folder: `downstream_datasets` (few-shot, de-duplication, fine-tuning; each name needs
+Kedro builds pipelines before it reads parameters, so the lists live in `conf/base/globals.yml` (overridden by
+`conf/local/globals.yml`), read here from the project's `conf/` folder: `downstream_datasets` (few-shot, de-duplication, fine-tuning; each name needs
 catalog entries `downstream.<name>.train` and `.test`) and `vtab_tasks` (each name needs an entry in the
 `vtab.tasks` registry, conf/base/parameters_vtab.yml).
 """
@@ -18,22 +18,29 @@ from vit_pipelines.models import VisionTransformer, load_pretrained
 
 
 def _names_from_globals(key: str, default: list[str], conf_source: str | Path) -> list[str]:
-    path = Path(conf_source) / "base" / "globals.yml"
-    if not path.exists():
+    """`key` from `<conf_source>/local/globals.yml` if it sets it, else from `base/globals.yml` (the run
+    environment `local` overrides base, as in Kedro); `default` outside a project."""
+    names = None
+    for env in ("base", "local"):
+        path = Path(conf_source) / env / "globals.yml"
+        if path.exists():
+            names = (yaml.safe_load(path.read_text()) or {}).get(key, names)
+    if names is None:
         return list(default)
-    names = (yaml.safe_load(path.read_text()) or {}).get(key)
     if not names or not all(isinstance(n, str) and n.isidentifier() for n in names):
-        raise ValueError(f"{path}: {key} must be a non-empty list of identifiers, got {names!r}")
+        raise ValueError(
+            f"{conf_source}: {key} in globals.yml must be a non-empty list of identifiers, got {names!r}"
+        )
     return list(names)
 
 
 def downstream_datasets(conf_source: str | Path = "conf") -> list[str]:
-    """`downstream_datasets` from `<conf_source>/base/globals.yml`; the embedded sets outside a project."""
+    """`downstream_datasets` from `<conf_source>/{base,local}/globals.yml`; the embedded sets outside a project."""
     return _names_from_globals("downstream_datasets", list(DOWNSTREAM_NAMES), conf_source)
 
 
 def vtab_tasks(conf_source: str | Path = "conf") -> list[str]:
-    """`vtab_tasks` from `<conf_source>/base/globals.yml`; the embedded stand-in suite outside a project."""
+    """`vtab_tasks` from `<conf_source>/{base,local}/globals.yml`; the embedded stand-in suite outside a project."""
     return _names_from_globals("vtab_tasks", list(DOWNSTREAM_NAMES), conf_source)
 
 
