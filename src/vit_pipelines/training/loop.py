@@ -243,7 +243,11 @@ def train(
             and (done % config.checkpoint_every == 0 or is_last)
         )
         if done % config.log_every == 0 or is_last or done == end or saving:
-            stop_if_not_finite(accelerator, first_bad, run_dir)
+            try:
+                stop_if_not_finite(accelerator, first_bad, run_dir)
+            except NonFiniteLossError:
+                bar.close()  # leave the terminal clean above the error
+                raise
         if done % config.log_every == 0 or is_last or done == end:
             loss_sum, correct, seen = accelerator.reduce(sums, reduction="sum").tolist()
             seconds = time.perf_counter() - t_log
