@@ -180,3 +180,18 @@ def test_an_unwritable_output_folder_fails_before_any_work(tmp_path):
         -3000:
     ]
     assert not (blocked / "data" / "tiny" / "02_intermediate").exists()  # not even de-duplication ran
+
+
+def test_tiny_analysis_draws_the_four_figures_through_the_catalog(project):
+    # Runs after the pretrain test above.
+    kedro(project, "run", "--env", "tiny", "--pipeline", "analysis")
+    out = project / "data" / "tiny" / "08_reporting"
+    figures = sorted(p.name for p in (out / "analysis").glob("*.png"))
+    assert figures == ["attention_distance.png", "attention_rollout.png", "patch_embedding.png",
+                       "position_similarity.png"]  # fmt: skip
+    numbers = json.loads((out / "analysis.json").read_text())
+    layers, heads = numbers["model"]["depth"], numbers["model"]["num_heads"]
+    assert len(numbers["attention_distance"]["mean_attention_distance_px"]) == layers
+    assert all(len(row) == heads for row in numbers["attention_distance"]["mean_attention_distance_px"])
+    assert len(numbers["patch_embedding"]["explained_variance"]) == 7  # conf/tiny: components 7
+    assert len(numbers["attention_rollout"]["rollout_maps"]) == 4
