@@ -120,6 +120,14 @@ class VisionTransformer(nn.Module):
         self.head = nn.Linear(rep or d, config.num_classes)
         self.reset_parameters()
 
+    @classmethod
+    def from_seed(cls, config: ViTConfig, seed: int) -> VisionTransformer:
+        """A freshly initialised model whose weights depend on `seed` alone, not on what ran before in the
+        process (every rank and every re-run starts the same); the global RNG is left as it was."""
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return cls(config)
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """vit_jax init: xavier-uniform dense kernels, N(0, 1e-6) MLP biases, lecun-normal patch conv, zero head."""

@@ -7,7 +7,6 @@ from typing import Any
 
 import datasets
 import matplotlib.pyplot as plt
-import torch
 
 from vit_pipelines.data.cache import cache_images
 from vit_pipelines.evaluation.features import cached_features
@@ -32,8 +31,10 @@ def evaluate_dataset(
     pp_cache = pp_for_size(params["pp_cache"], size)
     train_cache, train_report = cache_images(train_raw, pp_cache)
     test_cache, test_report = cache_images(test_raw, pp_cache)
-    torch.manual_seed(params["baseline_seed"])
-    models = {"pretrained": model, "random_init": VisionTransformer(model.config)}
+    models = {
+        "pretrained": model,
+        "random_init": VisionTransformer.from_seed(model.config, params["baseline_seed"]),
+    }
     results: dict[str, Any] = {
         "image_size": list(size),
         "train_images": len(train_cache),

@@ -7,7 +7,6 @@ from typing import Any
 
 import datasets
 import matplotlib.pyplot as plt
-import torch
 
 from vit_pipelines.data.cache import cache_images, num_classes
 from vit_pipelines.evaluation.finetune import best_lr, dev_accuracies, finetune_and_test, plot_finetune
@@ -28,9 +27,7 @@ def select_model(pretrained_model: VisionTransformer | None, params: dict[str, A
 def from_scratch_model(pretrained: VisionTransformer, params: dict[str, Any]) -> VisionTransformer:
     """The same architecture, randomly initialised (seeded by `params["seed"]`): fine-tuned with the same grid
     and budget, it is the baseline that shows what pretraining is worth."""
-    with torch.random.fork_rng():
-        torch.manual_seed(params["seed"])
-        return VisionTransformer(pretrained.config)
+    return VisionTransformer.from_seed(pretrained.config, params["seed"])
 
 
 def cache_splits(

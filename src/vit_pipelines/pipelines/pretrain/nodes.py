@@ -7,7 +7,6 @@ from typing import Any
 
 import datasets
 import matplotlib.pyplot as plt
-import torch
 
 from vit_pipelines.data.cache import cache_images, num_classes, split_minival
 from vit_pipelines.evaluation.classification import evaluate_accuracy
@@ -44,9 +43,7 @@ def build_model(
     if loss == "sigmoid":
         overrides.setdefault("head_bias_init", SIGMOID_HEAD_BIAS)
     config = ViTConfig.from_variant(variant, image_size=image_size, num_classes=classes, **overrides)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return VisionTransformer(config)
+    return VisionTransformer.from_seed(config, seed)
 
 
 def pretrain(
