@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from kedro.framework.hooks import hook_impl
 from kedro.pipeline import Pipeline
 
+from vit_pipelines.training.checkpoint import writable_folder
 from vit_pipelines.training.loop import process_state
 
 
@@ -21,28 +21,19 @@ class CheckOutputsWritable:
     def before_pipeline_run(self, pipeline: Pipeline, catalog: Any) -> None:
         if not process_state().is_main_process:
             return
-        for name in sorted(pipeline.outputs() | {o for n in pipeline.nodes for o in n.outputs}):
+        for name in sorted(pipeline.all_outputs()):
             if name not in catalog:
                 continue  # an in-memory dataset
             target = getattr(catalog[name], "_filepath", None) or getattr(catalog[name], "_path", None)
-            if target is not None:
-                _check_writable(name, Path(str(target)))
-
-
-def _check_writable(name: str, target: Path) -> None:
-    folder = target.parent
-    while not folder.exists():  # the nearest folder that exists; the rest is created on save
-        folder = folder.parent
-    try:
-        if not folder.is_dir():
-            raise NotADirectoryError(f"{folder} is a file")
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write_test_"):
-            pass
-    except OSError as err:
-        raise OSError(
-            f"cannot write {name!r} to {target}: {err}. Fix the folder, or point data_root elsewhere "
-            "(conf/local/globals.yml)"
-        ) from err
+            if target is None:
+                continue
+            try:
+                writable_folder(Path(str(target)).parent)
+            except OSError as err:
+                raise OSError(
+                    f"cannot write {name!r} to {target}: {err}. Fix the folder, or point data_root elsewhere "
+                    "(conf/local/globals.yml)"
+                ) from err
 
 
 class QuietNonMainRanks:

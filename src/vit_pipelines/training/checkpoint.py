@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,19 @@ from vit_pipelines.models.vit import VisionTransformer
 OPTIMIZER = "optimizer.pt"
 STATE = "trainer_state.json"
 EMA = "ema.safetensors"  # the float32 Polyak / EMA weights, when the run keeps them
+
+
+def writable_folder(path: str | Path) -> Path:
+    """The nearest existing folder at or above `path`, once a file could be created in it (what is missing
+    below it is created when saving). OSError otherwise; NotADirectoryError when a file is in the way."""
+    folder = Path(path)
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is a file")
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".write_test_"):
+        pass
+    return folder
 
 
 def _replace_atomically(folder: Path, fill: Any) -> None:

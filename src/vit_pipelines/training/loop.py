@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -38,7 +37,12 @@ from tqdm.auto import tqdm
 from vit_pipelines.data.loader import train_loader
 from vit_pipelines.fields import check_known_fields
 from vit_pipelines.models.vit import VisionTransformer
-from vit_pipelines.training.checkpoint import latest_training_state, load_training_state, save_training_state
+from vit_pipelines.training.checkpoint import (
+    latest_training_state,
+    load_training_state,
+    save_training_state,
+    writable_folder,
+)
 from vit_pipelines.training.losses import classification_loss
 from vit_pipelines.training.optim import build_optimizer, lr_multiplier
 
@@ -172,7 +176,8 @@ def train(
     if checkpoint_dir is not None:
         run_dir = Path(checkpoint_dir) / run_fingerprint(model, config, len(train_cache))
         if accelerator.is_main_process and config.checkpoint_every:
-            check_writable(run_dir, checkpoint_bytes(model, optimizer, ema) * (config.keep_checkpoints + 1))
+            needed = checkpoint_bytes(model, optimizer, ema) * (config.keep_checkpoints + 1)
+            check_checkpoint_folder(run_dir, needed)
         latest = latest_training_state(run_dir)
         if latest is not None:
             saved = load_training_state(latest, model, optimizer, ema)
@@ -242,13 +247,14 @@ def train(
             and config.checkpoint_every
             and (done % config.checkpoint_every == 0 or is_last)
         )
-        if done % config.log_every == 0 or is_last or done == end or saving:
+        logging_now = done % config.log_every == 0 or is_last or done == end
+        if logging_now or saving:
             try:
                 stop_if_not_finite(accelerator, first_bad, run_dir)
             except NonFiniteLossError:
                 bar.close()  # leave the terminal clean above the error
                 raise
-        if done % config.log_every == 0 or is_last or done == end:
+        if logging_now:
             loss_sum, correct, seen = accelerator.reduce(sums, reduction="sum").tolist()
             seconds = time.perf_counter() - t_log
             record = {
@@ -344,20 +350,17 @@ def checkpoint_bytes(
     return weights + copies * floats + (floats if ema is not None else 0)
 
 
-def check_writable(folder: Path, needed_bytes: int) -> None:
+def check_checkpoint_folder(folder: Path, needed_bytes: int) -> None:
     """Fail before training when checkpoints could not be written: `folder` cannot be created or written,
     or its disk has less free space than `needed_bytes`."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write_test_{os.getpid()}"
-        probe.write_bytes(b"ok")
-        probe.unlink()
+        existing = writable_folder(folder)
     except OSError as err:
         raise OSError(
             f"cannot write checkpoints to {folder}: {err.strerror or err}. "
             "Point checkpoint_dir at a writable folder (conf/local/parameters_*.yml)."
         ) from err
-    free = shutil.disk_usage(folder).free
+    free = shutil.disk_usage(existing).free
     if free < needed_bytes:
         raise OSError(
             f"{folder} has {free / 2**20:.0f} MiB free but the checkpoints need about "
