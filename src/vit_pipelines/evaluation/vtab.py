@@ -89,14 +89,21 @@ def setting_name(setting: Mapping[str, Any]) -> str:
     return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(setting.items()))
 
 
-def select_setting(val_scores: Mapping[str, Mapping[str, float]], settings: Sequence[str]) -> str:
-    """The setting with the best MEAN val200 accuracy over all tasks that scored every setting (the paper picks
-    one setting for the whole benchmark, not one per task); a tie goes to the earlier setting of the grid."""
+def mean_val_scores(
+    val_scores: Mapping[str, Mapping[str, float]], settings: Sequence[str]
+) -> dict[str, float]:
+    """Per setting, the mean val200 accuracy over the tasks that scored every setting."""
     complete = [scores for scores in val_scores.values() if all(s in scores for s in settings)]
     if not complete:
         raise ValueError("no task finished its hyper-parameter sweep: nothing to choose a setting from")
-    means = [float(np.mean([scores[s] for scores in complete])) for s in settings]
-    return settings[int(np.argmax(means))]
+    return {s: float(np.mean([scores[s] for scores in complete])) for s in settings}
+
+
+def select_setting(val_scores: Mapping[str, Mapping[str, float]], settings: Sequence[str]) -> str:
+    """The setting with the best MEAN val200 accuracy over all tasks that scored every setting (the paper picks
+    one setting for the whole benchmark, not one per task); a tie goes to the earlier setting of the grid."""
+    means = mean_val_scores(val_scores, settings)
+    return settings[int(np.argmax([means[s] for s in settings]))]
 
 
 def summarise(results: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from vit_pipelines.data.sources import load_image_dataset
 from vit_pipelines.evaluation.finetune import accuracy_as_trained, finetune
 from vit_pipelines.evaluation.vtab import (
     Task,
+    mean_val_scores,
     plot_vtab,
     select_setting,
     setting_name,
@@ -38,8 +39,8 @@ def select_model(pretrained_model: VisionTransformer | None, params: dict[str, A
     return start_model(pretrained_model, params, pipeline="vtab", num_classes=1)
 
 
-def _splits(task: Task, params: dict[str, Any]) -> dict[str, datasets.Dataset]:
-    """train800 / val200 / train800val200 / test of `task`, decoded and resized once (`params["pp_cache"]`)."""
+def _raw_splits(task: Task, params: dict[str, Any]) -> dict[str, datasets.Dataset]:
+    """train800 / val200 / train800val200 / test of `task`, not yet decoded."""
 
     def load(split: str | None) -> datasets.Dataset | None:
         if split is None:
@@ -51,12 +52,16 @@ def _splits(task: Task, params: dict[str, Any]) -> dict[str, datasets.Dataset]:
 
     raw = vtab_splits(load(task.train_split), load(task.val_split), params["seed"], params["train_size"],
                       params["val_size"])  # fmt: skip
-    raw["test"] = load(task.test_split)
-    return {name: cache_images(ds, params["pp_cache"])[0] for name, ds in raw.items()}
+    return {**raw, "test": load(task.test_split)}
 
 
-def _classes(task: Task, splits: dict[str, datasets.Dataset]) -> int:
-    found = max(num_classes(splits["train800val200"]), num_classes(splits["test"]))
+def _decoded(raw: dict[str, datasets.Dataset], names: tuple[str, ...], params: dict[str, Any]) -> list:
+    """The splits `names` decoded and resized once (`params["pp_cache"]`); the others are left alone."""
+    return [cache_images(raw[name], params["pp_cache"])[0] for name in names]
+
+
+def _classes(task: Task, *labelled: datasets.Dataset) -> int:
+    found = max(num_classes(ds) for ds in labelled)
     if task.num_classes is not None and found > task.num_classes:
         raise ValueError(f"labels reach {found - 1} but the registry says {task.num_classes} classes")
     return task.num_classes or found
@@ -88,12 +93,13 @@ def sweep_task(pretrained: VisionTransformer, params: dict[str, Any], *, task: s
     """val200 accuracy of every setting of `params["settings"]`, each trained on train800."""
     spec = Task.from_params(task, params["tasks"][task])
     try:
-        splits = _splits(spec, params)
-        classes = _classes(spec, splits)
+        raw = _raw_splits(spec, params)
+        train800, val200 = _decoded(
+            raw, ("train800", "val200"), params
+        )  # the test split waits for the final run
+        classes = _classes(spec, train800, val200, raw["test"])
         scores = {
-            setting_name(s): _train_and_score(
-                pretrained, spec, splits["train800"], splits["val200"], classes, s, params
-            )  # fmt: skip
+            setting_name(s): _train_and_score(pretrained, spec, train800, val200, classes, s, params)
             for s in params["settings"]
         }
     except Exception as err:  # reported, so that the other tasks still finish
@@ -107,8 +113,7 @@ def choose_setting(params: dict[str, Any], **sweeps: dict[str, Any]) -> dict[str
     """ONE setting for every task: the best mean val200 accuracy over the tasks whose sweep finished."""
     names = [setting_name(s) for s in params["settings"]]
     scores = {task: sweep["val200"] for task, sweep in sweeps.items() if "val200" in sweep}
-    chosen = select_setting(scores, names)
-    means = {n: sum(s[n] for s in scores.values()) / len(scores) for n in names}
+    chosen, means = select_setting(scores, names), mean_val_scores(scores, names)
     log.info("VTAB setting chosen by mean val200 over %d tasks: %s (%s)", len(scores), chosen, means)
     return {"setting": chosen, "mean_val200": means, "tasks": sorted(scores)}
 
@@ -127,9 +132,8 @@ def final_task(
     spec = Task.from_params(task, params["tasks"][task])
     setting = next(s for s in params["settings"] if setting_name(s) == choice["setting"])
     try:
-        splits = _splits(spec, params)
-        accuracy = _train_and_score(pretrained, spec, splits["train800val200"], splits["test"],
-                                    sweep["num_classes"], setting, params)  # fmt: skip
+        train, test = _decoded(_raw_splits(spec, params), ("train800val200", "test"), params)
+        accuracy = _train_and_score(pretrained, spec, train, test, sweep["num_classes"], setting, params)
     except Exception as err:  # reported, so that the other tasks still finish
         log.exception("VTAB task %s failed in its final run", task)
         return {**sweep, "test_accuracy": None, "error": f"{type(err).__name__}: {err}"}
@@ -138,8 +142,8 @@ def final_task(
         **sweep,
         "setting": choice["setting"],
         "test_accuracy": accuracy,
-        "train_images": len(splits["train800val200"]),
-        "test_images": len(splits["test"]),
+        "train_images": len(train),
+        "test_images": len(test),
         "flip": spec.flip,
         "crop": spec.crop,
     }
