@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from kedro.pipeline import Pipeline, pipeline
 
 from vit_pipelines.data.embedded import DOWNSTREAM_NAMES
 from vit_pipelines.models import VisionTransformer, load_pretrained
@@ -58,3 +59,26 @@ def start_model(
             f"{pipeline}.checkpoint.path (and format) in conf/local/parameters_{pipeline}.yml"
         )
     return pretrained_model
+
+
+def for_each_downstream_dataset(
+    template: Pipeline, prefix: str, shared: set[str], parameters: set[str]
+) -> tuple[Pipeline, list[str]]:
+    """`template` once per downstream dataset, in namespace `<prefix>.<name>`, reading that set's splits as
+    `train_raw` and `test_raw`; the `shared` inputs and `parameters` are the same for every set. Returns the
+    pipelines and the dataset names (for the report's inputs, `<prefix>.<name>.<output>`)."""
+    names = downstream_datasets()
+    per_dataset = [
+        pipeline(
+            template,
+            namespace=f"{prefix}.{name}",
+            inputs={
+                **{s: s for s in shared},
+                "train_raw": f"downstream.{name}.train",
+                "test_raw": f"downstream.{name}.test",
+            },  # fmt: skip
+            parameters=parameters,
+        )
+        for name in names
+    ]
+    return sum(per_dataset, Pipeline([])), names

@@ -1,45 +1,26 @@
 from kedro.pipeline import Pipeline, node, pipeline
 
-from vit_pipelines.pipelines.downstream import downstream_datasets
+from vit_pipelines.pipelines.downstream import for_each_downstream_dataset
 from vit_pipelines.pipelines.fewshot import nodes
 
 
 def create_pipeline(**kwargs) -> Pipeline:
     """One namespace per downstream dataset (`fewshot.<name>`), then one report over all of them."""
-    select = pipeline(
-        [
-            node(
-                nodes.select_model,
-                ["pretrained_model", "params:fewshot"],
-                "fewshot_model",
-                name="select_fewshot_model",
-            )
-        ]
+    select = node(nodes.select_model, ["pretrained_model", "params:fewshot"], "fewshot_model",
+                  name="select_fewshot_model")  # fmt: skip
+    evaluate = node(
+        nodes.evaluate_dataset,
+        inputs=["fewshot_model", "train_raw", "test_raw", "params:fewshot"],
+        outputs="results",
+        name="fewshot_ridge_grid",
     )
-    per_dataset = [
-        pipeline(
-            [
-                node(
-                    nodes.evaluate_dataset,
-                    inputs=["fewshot_model", "train", "test", "params:fewshot"],
-                    outputs="results",
-                    name="fewshot_ridge_grid",
-                )
-            ],
-            namespace=f"fewshot.{name}",
-            inputs={
-                "fewshot_model": "fewshot_model",
-                "train": f"downstream.{name}.train",
-                "test": f"downstream.{name}.test",
-            },
-            parameters={"params:fewshot": "params:fewshot"},
-        )
-        for name in downstream_datasets()
-    ]
+    per_dataset, names = for_each_downstream_dataset(
+        pipeline([evaluate]), "fewshot", shared={"fewshot_model"}, parameters={"params:fewshot"}
+    )
     summary = node(
         nodes.report,
-        inputs={name: f"fewshot.{name}.results" for name in downstream_datasets()},
+        inputs={name: f"fewshot.{name}.results" for name in names},
         outputs=["fewshot_results", "fewshot_plot"],
         name="report_fewshot",
     )
-    return sum(per_dataset, select) + pipeline([summary])
+    return pipeline([select]) + per_dataset + pipeline([summary])

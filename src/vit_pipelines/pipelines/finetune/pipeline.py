@@ -1,7 +1,7 @@
 from kedro.pipeline import Node, Pipeline, node, pipeline
 
 from vit_pipelines.data.cache import split_minival
-from vit_pipelines.pipelines.downstream import downstream_datasets
+from vit_pipelines.pipelines.downstream import for_each_downstream_dataset
 from vit_pipelines.pipelines.finetune import nodes
 
 
@@ -42,50 +42,41 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
         ]
     )
-    per_dataset = [
-        pipeline(
-            [
-                node(
-                    nodes.cache_splits,
-                    inputs=["train_raw", "test_raw", "params:finetune"],
-                    outputs=["train", "test"],
-                    name="cache_finetune_images",
-                ),
-                node(
-                    split_minival,
-                    inputs=["train", "params:finetune.dev_fraction", "params:finetune.seed"],
-                    outputs=["dev_train", "dev"],
-                    name="carve_dev_split",
-                ),
-                *_sweep_then_train("finetune_pretrained_model", "pretrained", model="model"),
-                # the baseline: the same grid, budget and resolution from random weights
-                *_sweep_then_train("finetune_scratch_model", "scratch", model="scratch_model"),
-                node(
-                    nodes.with_baseline,
-                    inputs=["pretrained_result", "scratch_result"],
-                    outputs="result",
-                    name="compare_with_from_scratch",
-                ),
-            ],
-            namespace=f"finetune.{name}",
-            inputs={
-                "finetune_pretrained_model": "finetune_pretrained_model",
-                "finetune_scratch_model": "finetune_scratch_model",
-                "train_raw": f"downstream.{name}.train",
-                "test_raw": f"downstream.{name}.test",
-            },
-            parameters={
-                "params:finetune": "params:finetune",
-                "params:finetune.dev_fraction": "params:finetune.dev_fraction",
-                "params:finetune.seed": "params:finetune.seed",
-            },
-        )
-        for name in downstream_datasets()
-    ]
+    steps = pipeline(
+        [
+            node(
+                nodes.cache_splits,
+                inputs=["train_raw", "test_raw", "params:finetune"],
+                outputs=["train", "test"],
+                name="cache_finetune_images",
+            ),
+            node(
+                split_minival,
+                inputs=["train", "params:finetune.dev_fraction", "params:finetune.seed"],
+                outputs=["dev_train", "dev"],
+                name="carve_dev_split",
+            ),
+            *_sweep_then_train("finetune_pretrained_model", "pretrained", model="model"),
+            # the baseline: the same grid, budget and resolution from random weights
+            *_sweep_then_train("finetune_scratch_model", "scratch", model="scratch_model"),
+            node(
+                nodes.with_baseline,
+                inputs=["pretrained_result", "scratch_result"],
+                outputs="result",
+                name="compare_with_from_scratch",
+            ),
+        ]
+    )
+    per_dataset, names = for_each_downstream_dataset(
+        steps,
+        "finetune",
+        shared={"finetune_pretrained_model", "finetune_scratch_model"},
+        parameters={"params:finetune", "params:finetune.dev_fraction", "params:finetune.seed"},
+    )
     summary = node(
         nodes.report,
-        inputs={name: f"finetune.{name}.result" for name in downstream_datasets()},
+        inputs={name: f"finetune.{name}.result" for name in names},
         outputs=["finetune_metrics", "finetune_curves"],
         name="report_finetune",
     )
-    return sum(per_dataset, select) + pipeline([summary])
+    return select + per_dataset + pipeline([summary])
