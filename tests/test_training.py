@@ -23,9 +23,12 @@ from vit_pipelines.training.optim import build_optimizer, lr_multiplier, param_g
 
 def tiny_model(seed: int = 0, **overrides) -> VisionTransformer:
     torch.manual_seed(seed)
-    fields = dict(depth=2, width=32, mlp_dim=64, num_heads=2, representation_size=16, num_classes=3)
+    fields = dict(
+        image_size=8, patch_size=4, depth=2, width=32, mlp_dim=64, num_heads=2, representation_size=16,
+        num_classes=3,
+    )  # fmt: skip
     fields.update(overrides)
-    model = VisionTransformer(ViTConfig.from_variant("Ti/4", image_size=8, **fields))
+    model = VisionTransformer(ViTConfig(**fields))
     torch.nn.init.normal_(model.head.weight, std=0.1)  # a zero head would leave most gradients zero at step 1
     return model
 
@@ -283,7 +286,7 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_saves_no_nan_weight
         calls.append(1)
         return output * float("nan") if len(calls) >= 7 else output
 
-    model.register_forward_hook(poison)
+    model.head.register_forward_hook(poison)
     run = config(steps=30, log_every=5, checkpoint_every=2, keep_checkpoints=100)
     with pytest.raises(
         NonFiniteLossError, match=r"NaN or infinite at step 7; stopped without saving"

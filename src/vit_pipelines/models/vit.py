@@ -167,7 +167,10 @@ class VisionTransformer(nn.Module):
                 f"images are {tuple(images.shape[-2:])} but the model was built for {self.config.image_size}; "
                 "resize the position embedding for a new resolution"
             )
-        x = self.patch_embed(images)
+        return self.encode(self.patch_embed(images), return_attention)
+
+    def encode(self, x: torch.Tensor, return_attention: bool = False) -> dict[str, object]:
+        """`forward_features` from the patch embeddings `[B, N, D]` on (masked patch prediction corrupts them)."""
         pe = self.position_embedding()
         covers_prefix = self.pos_embed is not None and self.cls_token is not None
         if pe is not None and not covers_prefix:  # 2-D embeddings cover the patches only (as in big_vision)

@@ -23,6 +23,7 @@ from vit_pipelines.models.vit import VisionTransformer
 OPTIMIZER = "optimizer.pt"
 STATE = "trainer_state.json"
 EMA = "ema.safetensors"  # the float32 Polyak / EMA weights, when the run keeps them
+OBJECTIVE = "objective.safetensors"  # the training objective's own weights (DRLoc MLP, [mask] token), if any
 
 
 def writable_folder(path: str | Path) -> Path:
@@ -75,16 +76,18 @@ def save_training_state(
     state: dict[str, Any],
     keep: int = 2,
     ema: Mapping[str, torch.Tensor] | None = None,
+    objective: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write `root/step_XXXXXXX/` (weights, optimiser, EMA weights if any, `trainer_state.json`) and keep the
-    newest `keep`."""
+    """Write `root/step_XXXXXXX/` (weights, optimiser, EMA and objective weights if any,
+    `trainer_state.json`) and keep the newest `keep`."""
     folder = Path(root) / f"step_{step:07d}"
 
     def fill(tmp: Path) -> None:
         write_native(model, tmp)
         torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
-        if ema is not None:
-            save_file({k: v.detach().to("cpu").contiguous() for k, v in ema.items()}, tmp / EMA)
+        for name, tensors in ((EMA, ema), (OBJECTIVE, objective)):
+            if tensors is not None:
+                save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp / name)
         (tmp / STATE).write_text(json.dumps({**state, "step": step}, indent=1))
 
     _replace_atomically(folder, fill)
@@ -104,15 +107,19 @@ def load_training_state(
     model: VisionTransformer,
     optimizer: torch.optim.Optimizer,
     ema: Mapping[str, torch.Tensor] | None = None,
+    objective: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Restore weights, optimiser state and (into `ema`'s tensors) the EMA weights in place; returns the saved
-    `trainer_state.json`."""
+    """Restore weights, optimiser state and, in place into the tensors of `ema` and `objective`, the EMA and
+    objective weights; returns the saved `trainer_state.json`."""
     model.load_state_dict(read_native(folder)[1])
     optimizer.load_state_dict(torch.load(folder / OPTIMIZER, weights_only=True, map_location="cpu"))
-    if ema is not None:
-        if not (folder / EMA).exists():
-            raise FileNotFoundError(f"{folder} holds no {EMA} to resume the EMA weights from")
-        saved = load_file(folder / EMA)
-        for name, value in ema.items():
-            value.copy_(saved[name])
+    for name, tensors in ((EMA, ema), (OBJECTIVE, objective)):
+        if tensors is None:
+            continue
+        if not (folder / name).exists():
+            raise FileNotFoundError(f"{folder} holds no {name} to resume from")
+        saved = load_file(folder / name)
+        with torch.no_grad():
+            for key, value in tensors.items():
+                value.copy_(saved[key])
     return json.loads((folder / STATE).read_text())

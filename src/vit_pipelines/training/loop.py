@@ -43,7 +43,12 @@ from vit_pipelines.training.checkpoint import (
     save_training_state,
     writable_folder,
 )
-from vit_pipelines.training.losses import classification_loss
+from vit_pipelines.training.objectives import (
+    Classification,
+    DRLocConfig,
+    MaskedPatchPrediction,
+    build_objective,
+)
 from vit_pipelines.training.optim import build_optimizer, lr_multiplier
 
 log = logging.getLogger(__name__)
@@ -69,6 +74,8 @@ class TrainConfig:
     ema_decay: float | None = None  # Polyak: ema = decay * ema + (1 - decay) * weights, after every step
     loss: str = "softmax"
     label_smoothing: float = 0.0
+    objective: str = "classification"  # or "masked_patch" (self-supervised, App. B.1.2)
+    drloc: DRLocConfig | None = None  # the auxiliary DRLoc loss of classification (seed 002)
     pp_train: str = "value_range(-1,1)"
     mixed_precision: str = "auto"  # "auto" = bf16 where the hardware runs it fast, else "no"
     log_every: int = 50
@@ -84,6 +91,9 @@ class TrainConfig:
         values = dict(params)
         if "betas" in values:
             values["betas"] = tuple(values["betas"])
+        if isinstance(values.get("drloc"), dict):
+            check_known_fields(DRLocConfig, values["drloc"], "drloc parameters")
+            values["drloc"] = DRLocConfig(**values["drloc"])
         return cls(**values)
 
 
@@ -130,8 +140,11 @@ def run_fingerprint(
 ) -> str:
     """Identifies "the same configuration" for resuming: model shape, training settings, data size."""
     keep = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("log_every", "num_workers")}
-    if config.ema_decay is None:  # runs without EMA keep the fingerprint they had before the field existed
-        del keep["ema_decay"]
+    for name, default in (("ema_decay", None), ("objective", "classification"), ("drloc", None)):
+        if (
+            keep[name] == default
+        ):  # runs that do not use a later field keep the fingerprint they had before it
+            del keep[name]
     blob = json.dumps([model.config.to_dict(), keep, num_examples, extra], sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
@@ -146,6 +159,7 @@ def train(
     accelerator: Accelerator | None = None,
     stop_after: int | None = None,
     description: str = "train",
+    objective: Classification | MaskedPatchPrediction | None = None,
 ) -> TrainResult:
     """Train `model` on `train_cache` for `config.steps` optimiser steps and return it (unwrapped, on CPU).
 
@@ -153,6 +167,7 @@ def train(
     `checkpoint_dir/<fingerprint>/` and the run resumes from the newest one of the same configuration.
     `evaluators` run every `eval_every` steps and at the end; their numbers join the history.
     `stop_after` ends the run early after that many steps (as a crash would), for tests and time limits.
+    `objective` (wrapping `model`) is built from `config.objective` / `config.drloc` when not given.
     """
     accelerator = accelerator or make_accelerator(config.mixed_precision)
     world = accelerator.num_processes
@@ -162,10 +177,17 @@ def train(
             f"batch_size {config.batch_size} must be a multiple of micro_batch_size {micro} x {world} processes"
         )
     accumulation = config.batch_size // (micro * world)
-    check_labels(train_cache, model.config.num_classes)
+    if objective is None:
+        objective = build_objective(
+            model, config.objective, config.loss, config.label_smoothing, config.drloc
+        )
+    if objective.model is not model:
+        raise ValueError("the objective must wrap the model being trained")
+    if isinstance(objective, Classification):
+        check_labels(train_cache, model.config.num_classes)
     torch.manual_seed(config.seed)
     optimizer = build_optimizer(
-        model, config.optimizer, config.lr, config.weight_decay, config.betas, config.momentum
+        objective, config.optimizer, config.lr, config.weight_decay, config.betas, config.momentum
     )
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     ema = None  # starts at the initial weights; a resume overwrites it with the checkpoint's
@@ -176,25 +198,26 @@ def train(
     if checkpoint_dir is not None:
         run_dir = Path(checkpoint_dir) / run_fingerprint(model, config, len(train_cache))
         if accelerator.is_main_process and config.checkpoint_every:
-            needed = checkpoint_bytes(model, optimizer, ema) * (config.keep_checkpoints + 1)
+            needed = checkpoint_bytes(objective, optimizer, ema) * (config.keep_checkpoints + 1)
             check_checkpoint_folder(run_dir, needed)
         latest = latest_training_state(run_dir)
         if latest is not None:
-            saved = load_training_state(latest, model, optimizer, ema)
+            saved = load_training_state(latest, model, optimizer, ema, objective_state(objective))
             start, history = saved["step"], saved.get("history", [])
             log.info("resuming from %s (step %d of %d)", latest, start, config.steps)
 
-    model, optimizer = accelerator.prepare(model, optimizer)
+    prepared, optimizer = accelerator.prepare(objective, optimizer)
+    model = accelerator.unwrap_model(prepared).model  # on the device; evaluators and checkpoints use it
     loader = train_loader(
         train_cache, config.pp_train, micro * world, (config.steps - start) * accumulation,
         seed=config.seed, start_batch=start * accumulation, num_workers=config.num_workers,
     )  # fmt: skip
     batches = iter(accelerator.prepare_data_loader(loader))
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in prepared.parameters() if p.requires_grad]
     if ema is not None:
         ema = {name: value.to(accelerator.device) for name, value in ema.items()}
         ema_targets = list(ema.values())
-        ema_sources = [p.detach() for p in accelerator.unwrap_model(model).parameters()]  # views: see updates
+        ema_sources = [p.detach() for p in model.parameters()]  # views: they see the updates
 
     def evaluate(step: int) -> dict[str, float]:
         results = {"step": step}
@@ -206,11 +229,13 @@ def train(
 
     end = config.steps if stop_after is None else min(config.steps, start + stop_after)
     bar = tqdm(total=config.steps, initial=start, desc=description, disable=not accelerator.is_main_process)
-    sums = torch.zeros(3, device=accelerator.device)  # loss sum, correct, examples since the last log
+    terms = objective.terms  # loss terms logged beside the total
+    sums = torch.zeros(3 + len(terms), device=accelerator.device)  # since the last log: loss, correct, count,
+    # terms, each summed over what the objective counts (images or corrupted patches)
     first_bad = torch.full((), -1, dtype=torch.long, device=accelerator.device)  # first non-finite loss step
     t_start = t_log = time.perf_counter()
     images_since_log = 0
-    model.train()
+    prepared.train()
     for step in range(start, end):
         multiplier = lr_multiplier(
             step, config.steps, config.warmup_steps, config.decay, config.end_lr_fraction
@@ -221,16 +246,14 @@ def train(
         for micro_step in range(accumulation):
             batch = next(batches)
             last = micro_step == accumulation - 1
-            with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                logits = model(batch["images"])
-                loss = classification_loss(logits, batch["labels"], config.loss, config.label_smoothing)
-                accelerator.backward(loss / accumulation)
-            bad = ~torch.isfinite(loss.detach()) & (first_bad < 0)
+            with contextlib.nullcontext() if last else accelerator.no_sync(prepared):
+                out = prepared(batch["images"], batch["labels"])
+                accelerator.backward(out.loss / accumulation)
+            loss = out.loss.detach()
+            bad = ~torch.isfinite(loss) & (first_bad < 0)
             first_bad = torch.where(bad, step + 1, first_bad)  # on the device: no host sync
-            n = batch["labels"].shape[0]
-            sums += torch.stack(
-                [loss.detach() * n, (logits.argmax(-1) == batch["labels"]).sum(), sums.new_tensor(n)]
-            )
+            n = out.count.sum().float()
+            sums += torch.stack([loss * n, out.correct.sum().float(), n, *(out.terms[t] * n for t in terms)])
         if config.grad_clip:
             accelerator.clip_grad_norm_(params, config.grad_clip)
         optimizer.step()
@@ -255,12 +278,13 @@ def train(
                 bar.close()  # leave the terminal clean above the error
                 raise
         if logging_now:
-            loss_sum, correct, seen = accelerator.reduce(sums, reduction="sum").tolist()
+            loss_sum, correct, seen, *term_sums = accelerator.reduce(sums, reduction="sum").tolist()
             seconds = time.perf_counter() - t_log
             record = {
                 "step": done,
                 "loss": loss_sum / seen,
                 "accuracy": correct / seen,
+                **{t: value / seen for t, value in zip(terms, term_sums, strict=True)},
                 "lr": config.lr * multiplier,
                 "images_per_second": images_since_log / seconds,
                 "images": images_since_log,
@@ -274,7 +298,7 @@ def train(
         t_pause = time.perf_counter()  # evaluation and checkpoint time do not count against throughput
         if evaluators and (is_last or (config.eval_every and done % config.eval_every == 0)):
             history.append(evaluate(done))
-            model.train()
+            prepared.train()
         if saving:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
@@ -284,13 +308,13 @@ def train(
                     "history": history,
                 }
                 save_training_state(
-                    run_dir, done, accelerator.unwrap_model(model), optimizer, state, config.keep_checkpoints,
-                    ema=ema,
+                    run_dir, done, model, optimizer, state, config.keep_checkpoints,
+                    ema=ema, objective=objective_state(objective),
                 )  # fmt: skip
         t_log += time.perf_counter() - t_pause
     bar.close()
     wall = time.perf_counter() - t_start
-    unwrapped = accelerator.unwrap_model(model).to("cpu").eval()
+    unwrapped = model.to("cpu").eval()
     ema_model = None
     if ema is not None:
         ema_model = copy.deepcopy(unwrapped)
@@ -305,6 +329,12 @@ def train(
         images_per_second=throughput,
         ema_model=ema_model,
     )
+
+
+def objective_state(objective: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """The objective's own trained tensors (DRLoc's MLP, the [mask] token), saved beside the model's."""
+    own = {k: v for k, v in objective.state_dict(keep_vars=True).items() if not k.startswith("model.")}
+    return own or None
 
 
 class NonFiniteLossError(FloatingPointError):

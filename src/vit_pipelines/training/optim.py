@@ -7,12 +7,12 @@ import math
 import torch
 from torch import nn
 
-NO_DECAY_NAMES = ("pos_embed", "cls_token")
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two groups: kernels (decayed) and everything else — biases, norm scales, position embeddings,
-    the [class] token — with no decay."""
+    the [class] and [mask] tokens — with no decay."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
