@@ -195,3 +195,50 @@ def test_tiny_analysis_draws_the_four_figures_through_the_catalog(project):
     assert all(len(row) == heads for row in numbers["attention_distance"]["mean_attention_distance_px"])
     assert len(numbers["patch_embedding"]["explained_variance"]) == 7  # conf/tiny: components 7
     assert len(numbers["attention_rollout"]["rollout_maps"]) == 4
+
+
+def test_tiny_drloc_experiment_trains_both_arms_per_seed_and_resumes_finished_runs(project):
+    kedro(project, "run", "--env", "tiny", "--pipeline", "drloc")
+    out = project / "data" / "tiny"
+    results = json.loads((out / "08_reporting" / "drloc_results.json").read_text())
+    runs = results["runs"]
+    assert [(r["seed"], r["drloc"]) for r in runs] == [(0, False), (0, True), (1, False), (1, True)]
+    assert results["drloc"] == {"pairs": 4, "weight": 0.1, "mlp_dim": 16, "pool_grid": None}  # tiny over base
+    for run in runs:
+        assert 0 <= run["minival_accuracy"] <= 1 and len(run["curve"]) == 3  # 6 steps, logged every 2
+        assert (run["final_drloc_loss"] is not None) == run["drloc"]
+        assert ("drloc_loss" in run["curve"][-1]) == run["drloc"]
+    summary = results["summary"]
+    by = {(r["seed"], r["drloc"]): r["minival_accuracy"] for r in runs}
+    assert summary["difference"]["per_seed"] == pytest.approx([by[s, True] - by[s, False] for s in (0, 1)])
+    assert summary["with"]["values"] == [by[0, True], by[1, True]]
+    with PIL.Image.open(out / "08_reporting" / "drloc_comparison.png") as figure:
+        assert figure.size[0] > 900
+    # every run left its final checkpoint: a re-run trains nothing and reports the same numbers
+    assert len(list((out / "06_models" / "drloc" / "checkpoints").glob("*/step_0000006"))) == 4
+    kedro(project, "run", "--env", "tiny", "--pipeline", "drloc")
+    again = json.loads((out / "08_reporting" / "drloc_results.json").read_text())
+    assert [r["minival_accuracy"] for r in again["runs"]] == [r["minival_accuracy"] for r in runs]
+
+
+def test_tiny_masked_patch_pretraining_then_fine_tunes_as_usual(tmp_path):
+    copy = copy_project(tmp_path / "mpp")
+    kedro(
+        copy,
+        "run",
+        "--env",
+        "tiny",
+        "--pipeline",
+        "pretrain",
+        "--params",
+        "pretrain.train.objective=masked_patch",
+    )
+    out = copy / "data" / "tiny"
+    metrics = json.loads((out / "08_reporting" / "pretrain_metrics.json").read_text())
+    assert metrics["objective"] == "masked_patch" and metrics["num_classes"] == 512
+    assert metrics["chance_accuracy"] == 1 / 512 and 0 <= metrics["minival_accuracy"] <= 1
+    assert load_model(out / "06_models" / "pretrain").config.num_classes == 512
+    kedro(copy, "run", "--env", "tiny", "--pipeline", "finetune")
+    tuned = json.loads((out / "08_reporting" / "finetune_metrics.json").read_text())
+    assert set(tuned) == set(embedded.DOWNSTREAM_NAMES)
+    assert all(0 <= r["test_accuracy"] <= 1 and r["num_classes"] < 512 for r in tuned.values())

@@ -18,6 +18,11 @@ def plot_curves(records: list[dict[str, float]], title: str) -> plt.Figure:
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.8))
     ax_loss, ax_acc = axes[0], axes[1]
     ax_loss.plot([r["step"] for r in train_logs], [r["loss"] for r in train_logs], label="train")
+    for term in sorted({k for r in train_logs for k in r if k.endswith("_loss")}):  # DRLoc's terms
+        points = [r for r in train_logs if term in r]
+        ax_loss.plot(
+            [r["step"] for r in points], [r[term] for r in points], "--", label=term.replace("_", " ")
+        )
     ax_acc.plot([r["step"] for r in train_logs], [r["accuracy"] for r in train_logs], label="train (running)")
     for key in evals:
         ax = axes[2] if key in fewshot else ax_acc
@@ -47,6 +52,36 @@ def plot_fewshot(per_dataset: dict[str, dict]) -> plt.Figure:
         ax.axhline(1.0 / result["num_classes"], color="grey", lw=0.8, ls=":", label="chance")
         ax.set(xscale="log", xlabel="shots per class", ylabel="accuracy", ylim=(0, 1), title=name)
         ax.set_xticks(shots, [str(s) for s in shots])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_drloc_comparison(runs: list[dict]) -> plt.Figure:
+    """Held-out accuracy per seed without and with DRLoc (a line joins the runs of one seed), and each run's
+    classification loss against steps."""
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.8))
+    seeds = sorted({r["seed"] for r in runs})
+    for seed in seeds:
+        pair = sorted((r for r in runs if r["seed"] == seed), key=lambda r: r["drloc"])
+        ax_acc.plot(
+            [int(r["drloc"]) for r in pair], [r["minival_accuracy"] for r in pair], "o-", label=f"seed {seed}"
+        )
+    for arm in (False, True):
+        values = [r["minival_accuracy"] for r in runs if r["drloc"] == arm]
+        ax_acc.hlines(sum(values) / len(values), int(arm) - 0.15, int(arm) + 0.15, colors="black", lw=2)
+    ax_acc.set_xticks([0, 1], ["without DRLoc", "with DRLoc"])
+    ax_acc.set(xlim=(-0.5, 1.5), ylabel="minival accuracy", title="held-out accuracy (bar: mean)")
+    for run in runs:
+        curve = run["curve"]
+        key = "classification_loss" if run["drloc"] else "loss"
+        ax_loss.plot(
+            [p["step"] for p in curve], [p[key] for p in curve], "-" if run["drloc"] else ":",
+            label=f"{'with' if run['drloc'] else 'without'}, seed {run['seed']}",
+        )  # fmt: skip
+    ax_loss.set(xlabel="step", ylabel="cross-entropy", title="training classification loss")
+    for ax in (ax_acc, ax_loss):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

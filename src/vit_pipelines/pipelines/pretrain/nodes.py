@@ -9,12 +9,13 @@ import datasets
 import matplotlib.pyplot as plt
 
 from vit_pipelines.data.cache import cache_images, num_classes, split_minival
-from vit_pipelines.evaluation.classification import evaluate_accuracy
+from vit_pipelines.evaluation.classification import evaluate_accuracy, objective_accuracy
 from vit_pipelines.evaluation.fewshot import cache_fewshot_sets, fewshot_accuracies, pp_for_size
 from vit_pipelines.evaluation.plots import plot_curves
 from vit_pipelines.models import VisionTransformer, ViTConfig
 from vit_pipelines.training.loop import TrainConfig, train
 from vit_pipelines.training.losses import SIGMOID_HEAD_BIAS
+from vit_pipelines.training.objectives import MASKED_PATCH_CLASSES, build_objective
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,9 @@ def pretrain(
     probes its representation with few-shot ridge on them (paper Fig. 4), beside the minival accuracy.
     """
     config = TrainConfig.from_params(params["train"])
-    model = build_model(params["model"], num_classes(train_cache), config.loss, config.seed)
+    classes = MASKED_PATCH_CLASSES if config.objective == "masked_patch" else num_classes(train_cache)
+    model = build_model(params["model"], classes, config.loss, config.seed)
+    objective = build_objective(model, config.objective, config.loss, config.label_smoothing, config.drloc)
     pp_eval, eval_batch = params["eval"]["pp"], params["eval"]["batch_size"]
     probe = params.get("fewshot") or {}
     names = sorted({key.rsplit("_", 1)[0] for key in downstream}) if probe.get("enabled") else []
@@ -68,7 +71,8 @@ def pretrain(
     )
 
     def minival_accuracy(model: VisionTransformer, accelerator: Any) -> dict[str, float]:
-        return {"minival_accuracy": evaluate_accuracy(model, minival, pp_eval, eval_batch, accelerator)}
+        # labels for classification; the corrupted patches' colours for masked patch prediction
+        return {"minival_accuracy": objective_accuracy(objective, minival, pp_eval, eval_batch, accelerator)}
 
     def fewshot(model: VisionTransformer, accelerator: Any) -> dict[str, float]:
         net = accelerator.unwrap_model(model)
@@ -79,7 +83,7 @@ def pretrain(
              sum(p.numel() for p in model.parameters()) / 1e6, config.steps)  # fmt: skip
     result = train(
         model, train_cache, config, checkpoint_dir=params.get("checkpoint_dir"),
-        evaluators=evaluators, description="pretrain",
+        evaluators=evaluators, description="pretrain", objective=objective,
     )  # fmt: skip
     history = {
         "records": result.history,
@@ -93,11 +97,17 @@ def pretrain(
 def evaluate(
     model: VisionTransformer, minival: datasets.Dataset, history: dict[str, Any], params: dict[str, Any]
 ) -> tuple[dict[str, Any], plt.Figure]:
-    """Final minival accuracy beside the run's facts, and the training curves."""
-    accuracy = evaluate_accuracy(model, minival, params["eval"]["pp"], params["eval"]["batch_size"])
+    """Final minival accuracy beside the run's facts, and the training curves. For masked patch prediction
+    the accuracy is the colour accuracy measured at the last step (it needs the objective's [mask] token)."""
     records = history["records"]
+    objective = params["train"].get("objective", "classification")
+    if objective == "masked_patch":
+        accuracy = next(r["minival_accuracy"] for r in reversed(records) if "minival_accuracy" in r)
+    else:
+        accuracy = evaluate_accuracy(model, minival, params["eval"]["pp"], params["eval"]["batch_size"])
     train_logs = [r for r in records if "loss" in r]
     metrics = {
+        "objective": objective,
         "minival_accuracy": accuracy,
         "minival_images": len(minival),
         "num_classes": model.config.num_classes,

@@ -5,7 +5,8 @@ from vit_pipelines.pipelines.downstream import downstream_datasets
 from vit_pipelines.pipelines.pretrain import nodes
 
 
-def create_pipeline(**kwargs) -> Pipeline:
+def data_pipeline() -> Pipeline:
+    """The pretraining images de-duplicated against the downstream test sets, decoded once and split."""
     return dedup.create_pipeline() + pipeline(
         [
             node(
@@ -13,7 +14,14 @@ def create_pipeline(**kwargs) -> Pipeline:
                 inputs=["pretrain_deduped", "params:pretrain.data"],
                 outputs=["pretrain_cache_train", "pretrain_cache_minival", "pretrain_preprocess_report"],
                 name="preprocess_pretrain_images",
-            ),
+            )
+        ]
+    )
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    return data_pipeline() + pipeline(
+        [
             node(
                 nodes.pretrain,
                 inputs={
