@@ -35,13 +35,17 @@ class Attention(nn.Module):
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
         p = self.attention_dropout if self.training else 0.0
-        if return_attention:  # the slow path materialises the [B, heads, N, N] weights
-            weights = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(dim=-1)
-            out = F.dropout(weights, p) @ v
-        else:
+        if return_attention or x.device.type == "cpu":
+            # On CPU, SDPA's fused kernel loses to plain matmuls (measured: its bf16 backward took half of a
+            # Ti/4 training step; benchmarks/train_throughput.py); the softmax runs in float32, as HF's.
+            scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+            weights = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+            out = (F.dropout(weights, p) if p > 0 else weights) @ v
+        else:  # flash / memory-efficient kernels on accelerators
             weights = None
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, d))), weights
+        out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, d)))
+        return out, weights if return_attention else None
 
 
 class Mlp(nn.Sequential):
