@@ -8,20 +8,18 @@ stages, in `--num-proc` processes). Near-linear cost means the 10x set takes at 
     python benchmarks/dedup_throughput.py                  # n = 2,400 and 24,000, 2 processes
     python benchmarks/dedup_throughput.py --n 1000 --num-proc 1
 
-Prints a table and writes `benchmarks/results/dedup_throughput.json`.
+Prints a table and writes `benchmarks/results/dedup_throughput.json` (`benchmarks/run.py` runs everything).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import time
-from pathlib import Path
+from typing import Any
 
 import datasets
 import numpy as np
+from report import machine, print_table, write_json
 from threadpoolctl import threadpool_limits
 
 from vit_pipelines.data import embedded
@@ -29,8 +27,6 @@ from vit_pipelines.data.sources import load_image_dataset
 from vit_pipelines.dedup import DedupConfig, build_index, join_references, search
 from vit_pipelines.dedup.fingerprint import canonical
 from vit_pipelines.dedup.index import Queries
-
-RESULTS = Path(__file__).parent / "results" / "dedup_throughput.json"
 
 
 def hashing_seconds(pretrain: datasets.Dataset, batch_size: int) -> float:
@@ -43,6 +39,51 @@ def hashing_seconds(pretrain: datasets.Dataset, batch_size: int) -> float:
     return time.perf_counter() - start
 
 
+def run(n: int = 2_400, num_proc: int = 2, batch_size: int = 512) -> dict[str, Any]:
+    full = load_image_dataset("embedded:pretrain")  # the pipeline's default set, built once
+    if 10 * n > len(full):
+        raise ValueError(f"n = {n}: 10x that exceeds the {len(full)} embedded pretraining images")
+    tests = {name: load_image_dataset(f"embedded:{name}", split="test") for name in embedded.DOWNSTREAM_NAMES}
+    start = time.perf_counter()
+    index, _ = build_index(join_references(tests)[0])
+    index_seconds = time.perf_counter() - start
+    config = DedupConfig(batch_size=batch_size, num_proc=num_proc)
+    rows = []
+    for size in (n, 10 * n):
+        queries = full.select(range(size))
+        hashing = hashing_seconds(queries, batch_size)
+        result = search(queries, index, config, progress=False)
+        rows.append({"queries": size, "hashing_seconds": hashing, "hashing_images_per_second": size / hashing,
+                     "search_seconds": result.seconds, "search_images_per_second": size / result.seconds,
+                     "matches": len(result.matches)})  # fmt: skip
+    return {
+        "benchmark": "dedup_throughput", "machine": machine(), "num_proc": num_proc, "batch_size": batch_size,
+        "references": len(index), "index_seconds": index_seconds, "rows": rows,
+        "growth_10x": rows[1]["search_seconds"] / rows[0]["search_seconds"],
+    }  # fmt: skip
+
+
+def report(result: dict[str, Any]) -> list[list[Any]]:
+    rows = [
+        [
+            f"{r['queries']:,} queries",
+            r["hashing_images_per_second"],
+            r["search_seconds"],
+            r["search_images_per_second"],
+            r["matches"],
+        ]  # fmt: skip
+        for r in result["rows"]
+    ]
+    print_table(
+        f"de-duplication against {result['references']:,} test images (index built in "
+        f"{result['index_seconds']:.2f} s; search in {result['num_proc']} processes)",
+        ["", "hashing img/s (1 proc)", "search s", "search img/s", "matches"],
+        rows,
+    )
+    print(f"10x the queries took {result['growth_10x']:.2f}x the time (near-linear: <= 12x)")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -50,45 +91,13 @@ def main() -> None:
     )
     parser.add_argument("--num-proc", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--out", default="benchmarks/results/dedup_throughput.json")
     args = parser.parse_args()
-
-    full = load_image_dataset("embedded:pretrain")  # the pipeline's default set, built once
-    if 10 * args.n > len(full):
-        parser.error(f"--n {args.n}: 10x that exceeds the {len(full)} embedded pretraining images")
-    tests = {n: load_image_dataset(f"embedded:{n}", split="test") for n in embedded.DOWNSTREAM_NAMES}
-    start = time.perf_counter()
-    index, _ = build_index(join_references(tests)[0])
-    index_seconds = time.perf_counter() - start
-    config = DedupConfig(batch_size=args.batch_size, num_proc=args.num_proc)
-
-    rows = []
-    for n in (args.n, 10 * args.n):
-        queries = full.select(range(n))
-        hashing = hashing_seconds(queries, args.batch_size)
-        result = search(queries, index, config, progress=False)
-        rows.append({"queries": n, "hashing_seconds": hashing, "hashing_images_per_second": n / hashing,
-                     "search_seconds": result.seconds, "search_images_per_second": n / result.seconds,
-                     "matches": len(result.matches)})  # fmt: skip
-    growth = rows[1]["search_seconds"] / rows[0]["search_seconds"]
-
-    print(f"references: {len(index)} test images, index built in {index_seconds:.2f} s")
-    print(
-        f"{'queries':>8} {'hashing img/s (1 proc)':>23} {'search s':>9} {'search img/s':>13} {'matches':>8}"
-    )
-    for r in rows:
-        print(f"{r['queries']:>8} {r['hashing_images_per_second']:>23.0f} {r['search_seconds']:>9.2f} "
-              f"{r['search_images_per_second']:>13.0f} {r['matches']:>8}")  # fmt: skip
-    print(
-        f"10x the queries took {growth:.2f}x the time (near-linear: <= 12x) with {args.num_proc} process(es)"
-    )
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps({
-        "machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count()},
-        "num_proc": args.num_proc, "batch_size": args.batch_size, "references": len(index),
-        "index_seconds": index_seconds, "rows": rows, "growth_10x": growth,
-    }, indent=2))  # fmt: skip
-    if growth > 12:
-        raise SystemExit(f"cost grew {growth:.1f}x for 10x the queries: not near-linear")
+    result = run(args.n, args.num_proc, args.batch_size)
+    report(result)
+    write_json(args.out, result)
+    if result["growth_10x"] > 12:
+        raise SystemExit(f"cost grew {result['growth_10x']:.1f}x for 10x the queries: not near-linear")
 
 
 if __name__ == "__main__":

@@ -8,17 +8,17 @@ subsets only and is scaled by the number of seeds, to keep the benchmark short; 
 
     python benchmarks/fewshot_grid.py
 
-Prints a table and writes `benchmarks/results/fewshot_grid.json`.
+Prints a table and writes `benchmarks/results/fewshot_grid.json` (`benchmarks/run.py` runs everything).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
+from typing import Any
 
 import numpy as np
+from report import machine, print_table, write_json
 from sklearn.linear_model import Ridge
 
 from vit_pipelines.evaluation.fewshot import BIAS_CONSTANT, fewshot_ridge, sample_shots
@@ -44,6 +44,56 @@ def sklearn_grid(x_train, y_train, x_test, y_test, grid, classes) -> dict[float,
     }
 
 
+def run(classes: int = 1000, dim: int = 768, test_per_class: int = 10, seeds: int = 3) -> dict[str, Any]:
+    shots, grid = (1, 5, 10, 25), [2.0**p for p in range(-2, 14, 2)]  # 8 values of λ, 1024 among them
+    x_pool, y_pool = features(classes, dim, 25, seed=1)
+    x_test, y_test = features(classes, dim, test_per_class, seed=2)
+
+    start = time.perf_counter()
+    ours = {
+        (k, s): fewshot_ridge(*subset(x_pool, y_pool, k, s), x_test, y_test, grid)
+        for k in shots
+        for s in range(seeds)
+    }
+    ours_seconds = time.perf_counter() - start
+
+    start = time.perf_counter()
+    reference = {k: sklearn_grid(*subset(x_pool, y_pool, k, 0), x_test, y_test, grid, classes) for k in shots}
+    sklearn_seconds = (time.perf_counter() - start) * seeds
+    for k in shots:  # same maths: same accuracies
+        for lam in grid:
+            assert abs(ours[(k, 0)][lam] - reference[k][lam]) < 1e-3, (
+                k,
+                lam,
+                ours[(k, 0)][lam],
+                reference[k][lam],
+            )
+    return {
+        "benchmark": "fewshot_grid", "machine": machine(), "classes": classes, "dim": dim, "shots": shots,
+        "seeds": seeds, "l2_grid": grid, "test_images": len(y_test),
+        "seconds": {"vit_pipelines": ours_seconds, "sklearn_ridge_per_lambda": sklearn_seconds},
+        "sklearn_note": f"seed 0 timed and multiplied by {seeds}",
+        "speedup": sklearn_seconds / ours_seconds, "goal_speedup": 10.0,
+        "accuracy_at_1024": {k: ours[(k, 0)][1024.0] for k in shots},
+    }  # fmt: skip
+
+
+def report(result: dict[str, Any]) -> list[list[Any]]:
+    seconds = result["seconds"]
+    rows = [
+        ["vit_pipelines (one eigh per fit)", seconds["vit_pipelines"]],
+        [f"sklearn Ridge per λ ({result['sklearn_note']})", seconds["sklearn_ridge_per_lambda"]],
+        ["speed-up (goal >= 10x)", result["speedup"]],
+    ]
+    print_table(
+        f"few-shot grid: {result['classes']} classes, {result['dim']}-d, shots {result['shots']} x "
+        f"{result['seeds']} seeds x {len(result['l2_grid'])} λ",
+        ["solver", "seconds"],
+        rows,
+    )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -54,58 +104,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results/fewshot_grid.json")
     args = parser.parse_args()
-
-    shots, grid = (1, 5, 10, 25), [2.0**p for p in range(-2, 14, 2)]  # 8 values of λ, 1024 among them
-    x_pool, y_pool = features(args.classes, args.dim, 25, seed=1)
-    x_test, y_test = features(args.classes, args.dim, args.test_per_class, seed=2)
-
-    start = time.perf_counter()
-    ours = {
-        (k, s): fewshot_ridge(*subset(x_pool, y_pool, k, s), x_test, y_test, grid)
-        for k in shots
-        for s in range(args.seeds)
-    }
-    ours_seconds = time.perf_counter() - start
-
-    start = time.perf_counter()
-    reference = {
-        k: sklearn_grid(*subset(x_pool, y_pool, k, 0), x_test, y_test, grid, args.classes) for k in shots
-    }
-    sklearn_seconds = (time.perf_counter() - start) * args.seeds
-    for k in shots:  # same maths: same accuracies
-        for lam in grid:
-            assert abs(ours[(k, 0)][lam] - reference[k][lam]) < 1e-3, (
-                k,
-                lam,
-                ours[(k, 0)][lam],
-                reference[k][lam],
-            )
-
-    speedup = sklearn_seconds / ours_seconds
-    print(
-        f"\nfew-shot grid: {args.classes} classes, {args.dim}-d, shots {shots} x {args.seeds} seeds x {len(grid)} λ"
-    )
-    print(f"{'solver':<34}{'seconds':>10}")
-    print(f"{'vit_pipelines (one eigh per fit)':<34}{ours_seconds:>10.2f}")
-    print(f"{'sklearn Ridge per λ':<34}{sklearn_seconds:>10.2f}   (seed 0 timed, x{args.seeds})")
-    print(f"{'speed-up':<34}{speedup:>10.1f}x   (goal ≥ 10x)")
-    print("accuracy at λ=1024:", {k: round(ours[(k, 0)][1024.0], 4) for k in shots})
-
-    result = {
-        "benchmark": "fewshot_grid",
-        "classes": args.classes,
-        "dim": args.dim,
-        "shots": shots,
-        "seeds": args.seeds,
-        "l2_grid": grid,
-        "test_images": len(y_test),
-        "seconds": {"vit_pipelines": ours_seconds, "sklearn_ridge_per_lambda": sklearn_seconds},
-        "sklearn_note": f"seed 0 timed and multiplied by {args.seeds}",
-        "speedup": speedup,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+    result = run(args.classes, args.dim, args.test_per_class, args.seeds)
+    report(result)
+    write_json(args.out, result)
 
 
 def subset(x: np.ndarray, y: np.ndarray, shots: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

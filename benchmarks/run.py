@@ -1,0 +1,67 @@
+"""Every benchmark of the project in one command: one table per benchmark and `benchmarks/results.json`.
+
+    pip install -c constraints-cpu.txt -e ".[bench]"
+    python benchmarks/run.py                       # all (about 25 minutes on 2 CPU cores)
+    python benchmarks/run.py --only training data  # a subset: training data fewshot dedup memory
+    python benchmarks/run.py --memory-steps 200    # the pretrain memory run shortened to 200 steps
+
+1. training: this project's ViT vs transformers' ViT (Ti/4 @32, S/16 @224; fp32/bf16 x eager/compiled),
+   FLOPs, TFLOP/s and MFU against the bf16 matmul peak measured in the same run, loss-curve parity;
+2. data: the Arrow-cache train loader vs the default pretrain model's training step;
+3. fewshot: the few-shot ridge grid vs scikit-learn's Ridge per λ;
+4. dedup: de-duplication hashing and search throughput, and its growth with 10x the images;
+5. memory: peak RSS of the default `kedro run --pipeline pretrain`.
+
+Each is also a script of its own (`benchmarks/<name>.py`) with more options. Shared machines are noisy: every
+comparison is made inside one run, never against numbers from another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))  # the sibling benchmark modules
+
+import data_loading  # noqa: E402
+import dedup_throughput  # noqa: E402
+import fewshot_grid  # noqa: E402
+import pretrain_memory  # noqa: E402
+import train_throughput  # noqa: E402
+from report import machine, write_json  # noqa: E402
+
+BENCHMARKS = {
+    "training": train_throughput,
+    "data": data_loading,
+    "fewshot": fewshot_grid,
+    "dedup": dedup_throughput,
+    "memory": pretrain_memory,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--only", nargs="+", choices=list(BENCHMARKS), default=list(BENCHMARKS))
+    parser.add_argument("--memory-steps", type=int, default=None, help="shorten the pretrain memory run")
+    parser.add_argument("--out", default="benchmarks/results.json")
+    args = parser.parse_args()
+    os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
+
+    results = {"machine": machine(), "command": " ".join(["python", *sys.argv]), "benchmarks": {}}
+    for name in args.only:
+        start = time.perf_counter()
+        module = BENCHMARKS[name]
+        result = module.run(args.memory_steps) if name == "memory" else module.run()
+        result["benchmark_seconds"] = time.perf_counter() - start
+        module.report(result)
+        results["benchmarks"][name] = result
+        write_json(args.out, results)  # after each: a late failure keeps the earlier results
+
+
+if __name__ == "__main__":
+    main()
