@@ -4,7 +4,7 @@ and masked patch prediction (corruption proportions, 3-bit colour targets, train
 import numpy as np
 import pytest
 import torch
-from test_training import config, tiny_cache, tiny_model
+from test_training import assert_same_weights, config, tiny_cache, tiny_model
 from torch import nn
 
 from vit_pipelines.models import VisionTransformer
@@ -133,10 +133,7 @@ def test_drloc_is_logged_beside_the_classification_loss_and_resumes_exactly(tmp_
     assert (latest_training_state(next(tmp_path.iterdir())) / "objective.safetensors").exists()
     resumed = train(tiny_model(seed=123, dropout=0.1), cache, run, checkpoint_dir=tmp_path)
     assert resumed.resumed_from_step == 3
-    for (name, a), b in zip(
-        straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True
-    ):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6, msg=name)
+    assert_same_weights(straight.model, resumed.model)
     # the DRLoc MLP was restored too: the logged losses match the uninterrupted run's (the windows after
     # step 4; the one ending at 4 covers step 4 alone after the resume)
     after = [r for r in resumed.history if "loss" in r and r["step"] > 4]

@@ -33,6 +33,12 @@ def tiny_model(seed: int = 0, **overrides) -> VisionTransformer:
     return model
 
 
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module, tol: float = 1e-6) -> None:
+    """Every tensor of `a`'s state dict equals `b`'s, in order, within `tol`."""
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(x, y, atol=tol, rtol=tol, msg=name)
+
+
 def tiny_cache(n: int = 48, seed: int = 0) -> datasets.Dataset:
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 3, n)
@@ -150,10 +156,7 @@ def test_gradient_accumulation_equals_one_big_batch():
     sgd = dict(steps=3, batch_size=16, optimizer="sgd", lr=0.1, warmup_steps=0)
     big = train(tiny_model(), cache, config(**sgd))
     accumulated = train(tiny_model(), cache, config(**sgd, micro_batch_size=4))
-    for (name, a), b in zip(
-        big.model.state_dict().items(), accumulated.model.state_dict().values(), strict=True
-    ):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
+    assert_same_weights(big.model, accumulated.model, tol=1e-5)
     assert not torch.equal(big.model.head.weight, tiny_model().head.weight)  # training moved the weights
 
 
@@ -167,10 +170,7 @@ def test_resume_after_a_kill_gives_the_same_weights(tmp_path):
     assert latest_training_state(next(tmp_path.iterdir())).name == "step_0000003"
     resumed = train(tiny_model(seed=123, dropout=0.1), cache, run, checkpoint_dir=tmp_path)
     assert resumed.resumed_from_step == 3
-    for (name, a), b in zip(
-        straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True
-    ):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6, msg=name)
+    assert_same_weights(straight.model, resumed.model)
     assert [r["step"] for r in resumed.history if "loss" in r] == [2, 4, 6, 8]
     # A different configuration does not pick up these checkpoints.
     other = train(
@@ -240,10 +240,7 @@ def test_a_real_sigkill_loses_nothing_but_the_steps_since_the_last_checkpoint(tm
     resumed = train(tiny_model(seed=9, dropout=0.1), tiny_cache(), run, checkpoint_dir=tmp_path, stop_after=3)
     straight = train(tiny_model(dropout=0.1), tiny_cache(), run, stop_after=resumed.resumed_from_step + 3)
     assert resumed.resumed_from_step == int(survivor.name[5:])
-    for (name, a), b in zip(
-        straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True
-    ):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6, msg=name)
+    assert_same_weights(straight.model, resumed.model)
 
 
 def test_ema_follows_the_polyak_recurrence():
@@ -273,10 +270,7 @@ def test_resume_with_ema_gives_the_same_ema_weights(tmp_path):
     assert (latest_training_state(next(tmp_path.iterdir())) / "ema.safetensors").exists()
     resumed = train(tiny_model(seed=123, dropout=0.1), cache, run, checkpoint_dir=tmp_path)
     assert resumed.resumed_from_step == 3
-    for (name, a), b in zip(
-        straight.ema_model.state_dict().items(), resumed.ema_model.state_dict().values(), strict=True
-    ):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6, msg=name)
+    assert_same_weights(straight.ema_model, resumed.ema_model)
 
 
 def test_a_non_finite_loss_stops_the_run_naming_the_step_and_saves_no_nan_weights(tmp_path):
@@ -344,6 +338,5 @@ def test_killed_at_a_random_moment_and_rerun_ends_with_the_uninterrupted_weights
     straight = train(tiny_model(dropout=0.1), tiny_cache(), run)
     print(f"killed after {delay:.2f} s, resumed from step {resumed.resumed_from_step} of 60")
     for ours, reference in ((resumed.model, straight.model), (resumed.ema_model, straight.ema_model)):
-        for (name, a), b in zip(ours.state_dict().items(), reference.state_dict().values(), strict=True):
-            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6, msg=name)
+        assert_same_weights(ours, reference)
     assert [r["step"] for r in resumed.history if "loss" in r] == list(range(2, 61, 2))
