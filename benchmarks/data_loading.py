@@ -27,7 +27,6 @@ from vit_pipelines.data.cache import cache_images
 from vit_pipelines.data.loader import train_loader
 from vit_pipelines.pipelines.pretrain.nodes import build_model
 from vit_pipelines.training.loop import TrainConfig, make_accelerator
-from vit_pipelines.training.objectives import build_objective
 
 PARAMETERS = Path(__file__).resolve().parents[1] / "conf" / "base" / "parameters_pretrain.yml"
 
@@ -46,7 +45,7 @@ def model_images_per_second(params: dict[str, Any], cache, batch: int, steps: in
     """The default pretrain model's training step (objective, AdamW, clipping) under the default precision."""
     config = TrainConfig.from_params(params["train"])
     model = build_model(params["model"], 1000, config.loss, config.seed)
-    objective = build_objective(model, config.objective, config.loss, config.label_smoothing, config.drloc)
+    objective = config.build_objective(model)
     accelerator = make_accelerator(config.mixed_precision)
     optimizer = torch.optim.AdamW(objective.parameters(), lr=1e-4)
     prepared, optimizer = accelerator.prepare(objective, optimizer)

@@ -96,6 +96,10 @@ class TrainConfig:
             values["drloc"] = DRLocConfig(**values["drloc"])
         return cls(**values)
 
+    def build_objective(self, model: VisionTransformer) -> Classification | MaskedPatchPrediction:
+        """The objective these settings name (`objective`, `loss`, `label_smoothing`, `drloc`), wrapping `model`."""
+        return build_objective(model, self.objective, self.loss, self.label_smoothing, self.drloc)
+
 
 @dataclass
 class TrainResult:
@@ -140,10 +144,9 @@ def run_fingerprint(
 ) -> str:
     """Identifies "the same configuration" for resuming: model shape, training settings, data size."""
     keep = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("log_every", "num_workers")}
+    # runs that do not use a later field keep the fingerprint they had before it existed
     for name, default in (("ema_decay", None), ("objective", "classification"), ("drloc", None)):
-        if (
-            keep[name] == default
-        ):  # runs that do not use a later field keep the fingerprint they had before it
+        if keep[name] == default:
             del keep[name]
     blob = json.dumps([model.config.to_dict(), keep, num_examples, extra], sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
@@ -178,9 +181,7 @@ def train(
         )
     accumulation = config.batch_size // (micro * world)
     if objective is None:
-        objective = build_objective(
-            model, config.objective, config.loss, config.label_smoothing, config.drloc
-        )
+        objective = config.build_objective(model)
     if objective.model is not model:
         raise ValueError("the objective must wrap the model being trained")
     if isinstance(objective, Classification):

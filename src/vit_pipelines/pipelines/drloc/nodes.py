@@ -27,7 +27,7 @@ def compare_drloc(
     """Train `pretrain`'s model and budget from scratch once without and once with `experiment["drloc"]` per
     seed in `experiment["seeds"]` (the seed sets the initial weights, the data order and augmentation), then
     score each on the held-out minival split. Every run checkpoints, so an interrupted experiment resumes."""
-    if pretrain["train"].get("objective", "classification") != "classification":
+    if TrainConfig.from_params(pretrain["train"]).objective != "classification":
         raise ValueError("the DRLoc experiment needs pretrain.train.objective: classification")
     pp, batch = pretrain["eval"]["pp"], pretrain["eval"]["batch_size"]
     runs = []

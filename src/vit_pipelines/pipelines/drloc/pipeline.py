@@ -19,6 +19,6 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ],
                 outputs=["drloc_results", "drloc_comparison"],
                 name="compare_with_and_without_drloc",
-            )  # fmt: skip
+            )
         ]
     )

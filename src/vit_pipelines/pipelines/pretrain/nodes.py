@@ -15,7 +15,7 @@ from vit_pipelines.evaluation.plots import plot_curves
 from vit_pipelines.models import VisionTransformer, ViTConfig
 from vit_pipelines.training.loop import TrainConfig, train
 from vit_pipelines.training.losses import SIGMOID_HEAD_BIAS
-from vit_pipelines.training.objectives import MASKED_PATCH_CLASSES, build_objective
+from vit_pipelines.training.objectives import MASKED_PATCH_CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def pretrain(
     config = TrainConfig.from_params(params["train"])
     classes = MASKED_PATCH_CLASSES if config.objective == "masked_patch" else num_classes(train_cache)
     model = build_model(params["model"], classes, config.loss, config.seed)
-    objective = build_objective(model, config.objective, config.loss, config.label_smoothing, config.drloc)
+    objective = config.build_objective(model)
     pp_eval, eval_batch = params["eval"]["pp"], params["eval"]["batch_size"]
     probe = params.get("fewshot") or {}
     names = sorted({key.rsplit("_", 1)[0] for key in downstream}) if probe.get("enabled") else []
@@ -100,7 +100,7 @@ def evaluate(
     """Final minival accuracy beside the run's facts, and the training curves. For masked patch prediction
     the accuracy is the colour accuracy measured at the last step (it needs the objective's [mask] token)."""
     records = history["records"]
-    objective = params["train"].get("objective", "classification")
+    objective = TrainConfig.from_params(params["train"]).objective
     if objective == "masked_patch":
         accuracy = next(r["minival_accuracy"] for r in reversed(records) if "minival_accuracy" in r)
     else:
