@@ -9,6 +9,7 @@ from vit_pipelines.evaluation import fewshot_ridge
 from vit_pipelines.evaluation.fewshot import (
     BIAS_CONSTANT,
     RidgeSolver,
+    _CertifiedArgmax,
     fewshot_grid,
     mean_and_ci95,
     sample_shots,
@@ -86,6 +87,31 @@ def test_bf16_scoring_gives_exactly_the_float64_predictions_even_when_ill_condit
         expected = (numpy_reference(x_train, y_train, x_test, lam, classes).argmax(1) == y_test).mean()
         print(f"λ={lam:g}: ours {ours[lam]:.6f} float64 {expected:.6f}")
         assert ours[lam] == expected
+
+
+def test_certified_float16_argmax_equals_the_float32_argmax_on_hard_rows():
+    """The float16 scorer's predictions must equal float32 scoring's on every row: rows whose scores are all
+    negative (their int16 bit order is reversed), exact ties (duplicate classes), near-ties far below float16's
+    precision, and rows and class weights at extreme scales (float16 underflow/overflow without the scaling)."""
+    gen = torch.Generator().manual_seed(0)
+    p = torch.randn(3000, 64, generator=gen)
+    p[:500] *= 1e-15
+    p[500:1000] *= 1e15
+    r = torch.randn(64, 200, generator=gen)
+    r[:, 1] = r[:, 0]  # an exact tie for every row
+    r[:, 3] = r[:, 2] * (1 + 1e-6)  # near-ties
+    r -= r.abs().max()  # rows with Σp > 0 score below zero everywhere
+    scorer = _CertifiedArgmax(p)
+    for scale in (1e-15, 1.0, 1e15):  # products stay inside float32, the reference
+        exact = p.double() @ (r.double() * scale)
+        ours = scorer(r * scale)
+        fp32 = (p @ (r * scale)).argmax(dim=1)
+        assert (exact.max(dim=1).values < 0).sum() > 100  # the all-negative case is exercised
+        assert torch.equal(ours, fp32), (ours != fp32).sum()
+        # where float64 is unambiguous, both equal it
+        top = exact.topk(2, dim=1).values
+        clear = (top[:, 0] - top[:, 1]) > 1e-4 * top[:, 0].abs()
+        assert clear.sum() > 1000 and torch.equal(ours[clear], exact.argmax(dim=1)[clear])
 
 
 def test_default_lambda_is_1024_and_scalar_returns_a_float():

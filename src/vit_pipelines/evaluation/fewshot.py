@@ -6,16 +6,18 @@ big_vision's `fewshot_lsr` semantics (paper §4.1 "Metrics"): standardise each f
 (or XXᵀ) serves every λ. The fit is float64: the bias column makes XᵀX span ~10 orders of magnitude, which
 float32 cannot hold next to a small λ.
 
-Scoring needs only each test image's argmax over classes, so it runs in bfloat16 (AMX/tensor cores) with a
-certificate: per row, the rounding error of the bf16 product is bounded from |P|·|R| (unit roundoff 2⁻⁸ for each
-input and the output), and rows whose top-two margin is within twice that bound are re-scored in float32. The
-predictions therefore equal float32 scoring's. Class scores are first centred per row (subtracting the mean
-over classes of each row of R shifts every class of a test image by the same amount: the argmax is unchanged),
-which removes the large common part the bias and the −1 targets put in every class and tightens the bound.
+Scoring needs only each test image's argmax over classes, so it runs in float16 (as fast as bfloat16 on this
+CPU, with 8x its precision) with a certificate: per row, the rounding error of the float16 product is bounded
+from |P|·|R| (unit roundoff 2⁻¹¹ for each input and the output, plus underflow), and rows whose top-two margin
+is within that bound are re-scored in float32. The predictions therefore equal float32 scoring's. Class scores
+are first centred per row (subtracting the mean over classes of each row of R shifts every class of a test
+image by the same amount: the argmax is unchanged), which removes the large common part the bias and the −1
+targets put in every class and tightens the bound.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -63,12 +65,12 @@ class RidgeSolver:
         std = torch.from_numpy(np.einsum("ij,ij->j", z.numpy(), z.numpy()) / n).sqrt_().add_(1e-5)[None]
         z.div_(std)
         if n >= d:
-            eigs, q = torch.linalg.eigh(x.T @ x)
+            eigs, q = torch.linalg.eigh(_gram(x), UPLO="U")
             # Xᵀ(2·onehot − 1) = 2·(per-class sums of X)ᵀ − column sums: O(N·D) instead of an N·D·K product.
             class_sums = torch.zeros(num_classes, d, dtype=x.dtype).index_add_(0, labels, x)
             xty = 2.0 * class_sums.T - x.sum(dim=0)[:, None]
             return cls(mean, std, eigs, q, q.T @ xty, None, x, labels, num_classes)
-        eigs, q = torch.linalg.eigh(x @ x.T)
+        eigs, q = torch.linalg.eigh(_gram(x.T), UPLO="U")
         return cls(mean, std, eigs, x.T @ q, q.T @ _targets(labels, num_classes), q, x, labels, num_classes)
 
     @property
@@ -82,23 +84,20 @@ class RidgeSolver:
         self, features: np.ndarray | torch.Tensor, labels: torch.Tensor, grid: Sequence[float]
     ) -> dict[float, float]:
         """Test accuracy for every λ in `grid`. The test features are projected onto `lhs` once (float32);
-        each λ then costs one [N_test, r] x [r, K] bf16 product whose argmax is certified (module docstring)."""
-        x = torch.as_tensor(features).float()
-        projected = _with_bias((x - self.mean.float()) / self.std.float()) @ self.lhs.float()
-        p16 = projected.bfloat16()
-        p16_abs = p16.abs().float()
+        each λ then costs one [N_test, r] x [r, K] float16 product whose argmax is certified (module docstring)."""
+        x = torch.as_tensor(features)
+        standardised = torch.empty(
+            len(x), x.shape[1] + 1
+        )  # written in place: the bias column, then (x − μ)/σ
+        standardised[:, -1] = BIAS_CONSTANT
+        torch.sub(x.float(), self.mean.float(), out=standardised[:, :-1]).div_(self.std.float())
+        projected = standardised @ self.lhs.float()
+        scorer = _CertifiedArgmax(projected)
         accuracies = {}
+        # Class scores are centred per row (module docstring); centring over classes commutes with 1/(eigs + λ).
+        rhs = (self.rhs - self.rhs.mean(dim=1, keepdim=True)).float()
         for lam in grid:
-            r = self.rhs / (self.eigs + lam)[:, None]
-            r32 = (r - r.mean(dim=1, keepdim=True)).float()
-            r16 = r32.bfloat16()
-            top = (p16 @ r16).topk(2, dim=1)
-            best, runner_up = top.values.float().unbind(dim=1)
-            predicted = top.indices[:, 0]
-            # Σ_k |p_ik||r_kj| ≤ Σ_k |p_ik| max_j |r_kj|: one matrix-vector product bounds every class.
-            error = _BF16_ERROR * (p16_abs @ r16.abs().amax(dim=1).float()) + _BF16_U * best.abs()
-            unsure = (best - runner_up <= 2.0 * error).nonzero().squeeze(1)
-            predicted[unsure] = (projected[unsure] @ r32).argmax(dim=1)
+            predicted = scorer(rhs / (self.eigs + lam).float()[:, None])
             accuracies[lam] = predicted.eq(labels).double().mean().item()
         return accuracies
 
@@ -117,18 +116,70 @@ class RidgeSolver:
         return (loo.argmax(dim=1) == labels).double().mean().item()
 
 
-# |bf16(a)·bf16(b) − a·b| ≤ (2u + u²)|a||b| with u = 2⁻⁸, times slack for float32 accumulation and the
-# rounding of the |P|·|R| bound itself; the bf16 output adds u·|score|.
-_BF16_U = 2.0**-8
-_BF16_ERROR = 1.05 * (2 * _BF16_U + _BF16_U**2)
+# float16 rounding: |fl(a) − a| ≤ u·|a| + η, with u = 2⁻¹¹ and η = 2⁻²⁵ (half the smallest subnormal).
+_HALF_U = 2.0**-11
+_HALF_TINY = 2.0**-25
+
+
+class _CertifiedArgmax:
+    """argmax over classes of P·R for one P and many R, from float16 products whose error is bounded.
+
+    P's rows and R are scaled by powers of two (exact; a positive factor per row leaves its argmax alone) so
+    that no product or sum can overflow float16. Per row i, every class score is then within
+        E_i = c·Σ_k |p_ik|·max_j |r_kj| + η·(‖p_i‖₁ + max_j ‖r_j‖₁) + r·η² + u·|score| + η
+    of the exact one, with c = 1.05·(2u + u²) + r·2⁻²⁴: inputs rounded to float16, float32 accumulation over
+    the rank r, float16 output; the 5% slack covers the rounding of the bound itself. Rows whose top-two
+    margin exceeds 2E_i are certified; the rest are re-scored in float32.
+    """
+
+    def __init__(self, projected: torch.Tensor) -> None:
+        self.projected = projected
+        self.p16 = (projected * _power_of_two_scale(projected.abs().amax(dim=1, keepdim=True))).half()
+        self.p_abs = self.p16.abs().float()
+        self.p_l1 = self.p_abs.sum(dim=1)
+
+    def __call__(self, r32: torch.Tensor) -> torch.Tensor:
+        rank = r32.shape[0]
+        # rank · max|p| · max|r| < 2¹⁵ bounds every |score| and partial sum well inside float16's 65504.
+        r16 = (r32 * (2.0**15 * _power_of_two_scale(r32.abs().max() * rank))).half()
+        r_abs = r16.abs().float()
+        # Top two by the scores' bit patterns: for float16 values ≥ +0 the int16 order is the float order, and
+        # an int16 max is ~5x faster than a float16 top-k here. A negative runner-up is replaced by 0, an upper
+        # bound, which keeps the certificate sound; a row whose scores are all negative (int16 order reversed)
+        # then has a negative margin and goes to float32. R is centred over classes, so each row's scores sum
+        # to ~0 and such rows are rare.
+        bits = (self.p16 @ r16).view(torch.int16)
+        best_bits, predicted = bits.max(dim=1)
+        bits[torch.arange(len(bits)), predicted] = torch.iinfo(torch.int16).min
+        best = best_bits.view(torch.float16).float()
+        runner_up = bits.amax(dim=1).clamp_min(0).view(torch.float16).float()
+        inputs = (1.05 * (2 * _HALF_U + _HALF_U**2) + rank * 2.0**-24) * (self.p_abs @ r_abs.amax(dim=1))
+        tiny = _HALF_TINY * (1 + _HALF_U) * (self.p_l1 + r_abs.sum(dim=0).max()) + rank * _HALF_TINY**2
+        error = inputs + tiny + _HALF_U * torch.maximum(best.abs(), runner_up.abs()) + _HALF_TINY
+        unsure = (best - runner_up <= 2.0 * error).nonzero().squeeze(1)
+        predicted[unsure] = (self.projected[unsure] @ r32).argmax(dim=1)
+        return predicted
+
+
+def _gram(x: torch.Tensor, blocks: int = 3) -> torch.Tensor:
+    """The upper triangle of xᵀx (the rest zero), one GEMM per block row: ~20% faster than the full product,
+    whose lower half repeats the upper."""
+    d = x.shape[1]
+    gram = torch.zeros(d, d, dtype=x.dtype)
+    edges = [round(i * d / blocks) for i in range(blocks + 1)]
+    for start, stop in itertools.pairwise(edges):
+        gram[start:stop, start:] = x[:, start:stop].T @ x[:, start:]
+    return gram
+
+
+def _power_of_two_scale(magnitude: torch.Tensor) -> torch.Tensor:
+    """2^-e with magnitude · 2^-e in [0.5, 1): multiplying by it is exact (zeros are left alone)."""
+    exponent = torch.frexp(magnitude).exponent
+    return torch.where(magnitude > 0, torch.exp2(-exponent.to(magnitude.dtype)), 1.0)
 
 
 def _targets(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return 2.0 * torch.nn.functional.one_hot(labels, num_classes).double() - 1.0
-
-
-def _with_bias(x: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.pad(x, (0, 1), value=BIAS_CONSTANT)
 
 
 def fewshot_ridge(
