@@ -56,9 +56,11 @@ def main() -> None:
 
     command = " ".join(["python", *sys.argv])
     results = {"machine": machine(), "command": command, "benchmarks": {}}
-    if set(args.only) != set(BENCHMARKS) and os.path.exists(args.out):  # a subset updates its own entries
+    if set(args.only) != set(BENCHMARKS) and os.path.exists(args.out):
+        # a subset replaces its own entries (each records its command) and keeps the file's other entries and
+        # its header, which describes the last full run
         with open(args.out) as f:
-            results["benchmarks"] = json.load(f)["benchmarks"]
+            results = json.load(f)
     for name in args.only:
         start = time.perf_counter()
         module = BENCHMARKS[name]

@@ -75,8 +75,8 @@ def test_matches_sklearn_ridge_with_the_same_bias_handling(n_per_class, dim):
     assert len(set(ours.values())) > 1  # λ matters on this data
 
 
-def test_bf16_scoring_gives_exactly_the_float64_predictions_even_when_ill_conditioned():
-    """N just above D (one shot of many classes) makes XᵀX nearly singular: at small λ most bf16 argmaxes are
+def test_float16_scoring_gives_exactly_the_float64_predictions_even_when_ill_conditioned():
+    """N just above D (one shot of many classes) makes XᵀX nearly singular: at small λ many float16 argmaxes are
     unreliable and must be caught by the error bound and re-scored; at every λ the accuracy equals float64's."""
     classes, dim = 300, 256
     x_train, y_train = blobs(1, dim, classes, seed=6, spread=2.0)

@@ -86,9 +86,8 @@ class RidgeSolver:
         """Test accuracy for every λ in `grid`. The test features are projected onto `lhs` once (float32);
         each λ then costs one [N_test, r] x [r, K] float16 product whose argmax is certified (module docstring)."""
         x = torch.as_tensor(features)
-        standardised = torch.empty(
-            len(x), x.shape[1] + 1
-        )  # written in place: the bias column, then (x − μ)/σ
+        # Written in place: the bias column, then (x − μ)/σ beside it.
+        standardised = torch.empty(len(x), x.shape[1] + 1)
         standardised[:, -1] = BIAS_CONSTANT
         torch.sub(x.float(), self.mean.float(), out=standardised[:, :-1]).div_(self.std.float())
         projected = standardised @ self.lhs.float()
