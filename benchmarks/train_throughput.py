@@ -9,8 +9,9 @@ alike; the median images/s counts. The FLOPs of one training step are counted by
 utilisation (MFU) against a bf16 matmul peak measured in the same run.
 
 Identical maths: from the same initial weights (ours copied into HF's layout) and the same batches, both train
-20 steps in bf16 autocast and their loss curves must agree within 2% (bf16 rounding differs between the
-kernels); the JSON keeps both curves.
+20 steps in bf16 autocast; their loss curves must agree within 2%, or within twice the distance of HF's bf16
+curve from our float32 curve (bf16 rounding differs between the kernels and compounds over the steps); the
+JSON keeps the three curves.
 
     python benchmarks/train_throughput.py                 # both shapes
     python benchmarks/train_throughput.py --shapes Ti/4@32 --configs bf16-compiled
@@ -21,6 +22,7 @@ Prints a table and writes `benchmarks/results/train_throughput.json` (`benchmark
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import tempfile
 import time
@@ -110,7 +112,8 @@ def matmul_peak(dtype: torch.dtype = torch.bfloat16, sizes: tuple[int, ...] = (2
 
 
 def loss_curves(config: ViTConfig, batch: int, steps: int = 20, seed: int = 0) -> dict[str, list[float]]:
-    """Both models from the same initial weights on the same batches, bf16 autocast: the loss per step."""
+    """Both models from the same initial weights on the same batches, bf16 autocast: the loss per step; and ours
+    in float32, the reference that both bf16 curves round away from."""
     model = VisionTransformer.from_seed(config, seed)
     torch.nn.init.normal_(model.head.weight, std=0.02)  # a zero head learns from step 2 only
     hf = same_weights_hf(model)
@@ -125,8 +128,13 @@ def loss_curves(config: ViTConfig, batch: int, steps: int = 20, seed: int = 0) -
     for images, labels in batches:  # a learnable signal: the label shifts the image mean
         images += labels.view(-1, 1, 1, 1) * 0.5
     curves = {}
-    for name, net in (("vit_pipelines", model), ("transformers", hf)):
-        step = make_step(net, "bf16", compiled=False)
+    runs = (
+        ("vit_pipelines", model, "bf16"),
+        ("transformers", hf, "bf16"),
+        ("float32", copy.deepcopy(model), "fp32"),
+    )
+    for name, net, precision in runs:
+        step = make_step(net, precision, compiled=False)
         curves[name] = [step(*batches[i % len(batches)]).item() for i in range(steps)]
     return curves
 
@@ -205,14 +213,22 @@ def run(
     first = SHAPES[shapes[0]]
     parity_config = ViTConfig.from_variant(first["variant"], image_size=first["image_size"], num_classes=4)
     curves = loss_curves(parity_config, first["batch_size"], parity_steps)
-    gap = max(
-        abs(a - b) / abs(b) for a, b in zip(curves["vit_pipelines"], curves["transformers"], strict=True)
-    )
+
+    def gap(a: str, b: str) -> float:
+        return max(abs(x - y) / abs(y) for x, y in zip(curves[a], curves[b], strict=True))
+
+    # Two bf16 runs of one function drift apart as each drifts from float32: they agree when their gap is
+    # within 2% or within twice the drift of HF's bf16 curve from the float32 one.
+    hf_drift = gap("transformers", "float32")
     result["loss_parity"] = {
         "shape": shapes[0],
         "steps": parity_steps,
-        "max_relative_difference": gap,
-        "within_tolerance": gap < 0.02,
+        "max_relative_difference": gap("vit_pipelines", "transformers"),
+        "bf16_drift_from_float32": {
+            "vit_pipelines": gap("vit_pipelines", "float32"),
+            "transformers": hf_drift,
+        },
+        "within_tolerance": gap("vit_pipelines", "transformers") <= max(0.02, 2 * hf_drift),
         "curves": curves,
     }
     return result
@@ -244,7 +260,9 @@ def report(result: dict[str, Any]) -> list[list[Any]]:
         )
     parity = result["loss_parity"]
     print(
-        f"loss curves over {parity['steps']} steps: max relative difference {parity['max_relative_difference']:.4f}"
+        f"loss curves over {parity['steps']} steps: max relative difference {parity['max_relative_difference']:.4f} "
+        f"(bf16 drift from float32: ours {parity['bf16_drift_from_float32']['vit_pipelines']:.4f}, "
+        f"HF {parity['bf16_drift_from_float32']['transformers']:.4f}; within tolerance: {parity['within_tolerance']})"
     )
     return rows
 

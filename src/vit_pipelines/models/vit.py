@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vit_pipelines.models import fused_cpu
 from vit_pipelines.models.config import ViTConfig
 from vit_pipelines.models.posemb import LearnedPosEmb2d, posemb_sincos_2d
 from vit_pipelines.models.resnet import resnet_stem_from_name
@@ -72,6 +73,8 @@ class Block(nn.Module):
     def forward(
         self, x: torch.Tensor, return_attention: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not return_attention and fused_cpu.applies(self, x):
+            return fused_cpu.fused_block(self, x), None
         y, weights = self.attn(self.norm1(x), return_attention)
         x = x + y
         return x + self.mlp(self.norm2(x)), weights

@@ -1,0 +1,148 @@
+"""The encoder block in bfloat16 on AVX-512 CPUs: oneDNN matmuls with fused element-wise kernels between them.
+
+Under `torch.autocast("cpu", torch.bfloat16)` an eager block spends as long between its matmuls as in them
+(benchmarks/train_throughput.py): float32 layer norms then casts, a bias broadcast before each addmm, a float32
+softmax and its casts, head (un)folding copies, GELU, bias-gradient column sums. `fused_block` computes the same
+function, x ↦ x + MSA(LN(x)) ↦ x + MLP(LN(x)), with its own forward and backward: the matmuls run bias-free in
+bfloat16 (float32 accumulation) and one kernel per group of element-wise work (`csrc/fused_cpu.cpp`) adds the
+bias where the next pass reads the data anyway. Precision matches autocast's: residual stream, layer-norm
+statistics, softmax and GELU in float32, matmul operands in bfloat16, parameter gradients in float32.
+
+The kernels are compiled on first use with torch's C++ extension builder (a C++ compiler and about a minute,
+then cached under `~/.cache/torch_extensions`). Where they cannot be built or do not apply (no AVX-512, a GPU,
+float32 training, dropout, attention maps asked for, `torch.compile` tracing) the model runs its plain modules;
+`VIT_FUSED_CPU=0` forces that.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("csrc") / "fused_cpu.cpp"
+_FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"]
+_FLAGS += ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
+_kernels: ModuleType | None = None
+_tried = False
+
+
+def kernels() -> ModuleType | None:
+    """The compiled kernels, built on the first call; None where this machine cannot run them."""
+    global _kernels, _tried
+    if not _tried:
+        _tried = True
+        if os.environ.get("VIT_FUSED_CPU", "1") == "0":
+            log.info("VIT_FUSED_CPU=0: fused CPU kernels off")
+        elif torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX"):
+            log.info("no AVX-512 on this CPU: fused CPU kernels off")
+        else:
+            try:
+                from torch.utils import cpp_extension
+
+                _kernels = cpp_extension.load(
+                    "vit_pipelines_fused_cpu", [str(_SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"]
+                )
+            except Exception as error:  # no compiler, headers or ninja: the plain modules still work
+                log.warning("fused CPU kernels unavailable (%s); using the plain modules", error)
+    return _kernels
+
+
+def applies(block: torch.nn.Module, x: torch.Tensor) -> bool:
+    """Whether `fused_block` computes `block(x)` here: bf16 autocast on CPU, float32 input, no dropout active,
+    widths the kernels handle, not being traced by `torch.compile`, kernels built."""
+    attn = block.attn
+    width, heads = x.shape[-1], attn.num_heads
+    dropout = block.training and (attn.attention_dropout > 0 or attn.proj_drop.p > 0 or block.mlp[2].p > 0)
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.dim() == 3
+        and torch.is_autocast_enabled("cpu")
+        and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        and not dropout
+        and width % 16 == 0
+        and block.mlp[0].out_features % 16 == 0
+        and (width // heads) % 16 == 0
+        and not torch.compiler.is_compiling()
+        and kernels() is not None
+    )
+
+
+def fused_block(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`block(x)` for a `vit.Block` through the fused kernels (check `applies` first)."""
+    attn, mlp = block.attn, block.mlp
+    return _FusedBlock.apply(
+        x.contiguous(),
+        block.norm1.weight,
+        block.norm1.bias,
+        attn.qkv.weight,
+        attn.qkv.bias,
+        attn.proj.weight,
+        attn.proj.bias,
+        block.norm2.weight,
+        block.norm2.bias,
+        mlp[0].weight,
+        mlp[0].bias,
+        mlp[3].weight,
+        mlp[3].bias,
+        attn.num_heads,
+        block.norm1.eps,
+    )
+
+
+class _FusedBlock(torch.autograd.Function):
+    """x + proj(attention(LN1(x))) = x1; x1 + fc2(GELU(fc1(LN2(x1)))). Shapes: x [B, N, D]; M = B·N rows."""
+
+    @staticmethod
+    def forward(ctx, x, ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w, fc2_b, heads, eps):  # fmt: skip
+        ops, (b, n, d) = _kernels, x.shape
+        scale = (d // heads) ** -0.5
+        w_qkv, w_proj, w_fc1, w_fc2 = (w.to(torch.bfloat16) for w in (qkv_w, proj_w, fc1_w, fc2_w))
+        h1, mean1, rstd1 = ops.layer_norm_fwd(x, ln1_w, ln1_b, eps)
+        q, k, v = ops.split_heads(torch.mm(h1.view(-1, d), w_qkv.t()).view(b, n, 3 * d), qkv_b, heads)
+        p = ops.scaled_softmax_fwd(torch.matmul(q, k.transpose(-2, -1)), scale)
+        o = torch.matmul(p, v).transpose(1, 2).reshape(b * n, d)
+        x1 = ops.add_bias_residual(x, torch.mm(o, w_proj.t()).view(b, n, d), proj_b)
+        h2, mean2, rstd2 = ops.layer_norm_fwd(x1, ln2_w, ln2_b, eps)
+        z = torch.mm(h2.view(-1, d), w_fc1.t())
+        a = ops.bias_gelu_fwd(z, fc1_b)
+        out = ops.add_bias_residual(x1, torch.mm(a, w_fc2.t()).view(b, n, d), fc2_b)
+        ctx.save_for_backward(x, h1, mean1, rstd1, q, k, v, p, o, x1, h2, mean2, rstd2, z, a)
+        ctx.params = (ln1_w, w_qkv, w_proj, ln2_w, w_fc1, fc1_b, w_fc2)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        ops, scale = _kernels, ctx.scale
+        x, h1, mean1, rstd1, q, k, v, p, o, x1, h2, mean2, rstd2, z, a = ctx.saved_tensors
+        ln1_w, w_qkv, w_proj, ln2_w, w_fc1, fc1_b, w_fc2 = ctx.params
+        (b, n, d), heads = x.shape, q.shape[1]
+        # MLP branch: out = x1 + fc2(GELU(fc1(h2))).
+        dy2, db_fc2 = ops.cast_colsum(g.contiguous())
+        dy2 = dy2.view(-1, d)
+        dw_fc2 = torch.mm(dy2.t(), a)
+        dz, db_fc1 = ops.bias_gelu_bwd(torch.mm(dy2, w_fc2), z, fc1_b)
+        dw_fc1 = torch.mm(dz.t(), h2.view(-1, d))
+        g1, dln2_w, dln2_b, dy1, db_proj = ops.layer_norm_bwd(
+            torch.mm(dz, w_fc1).view(b, n, d), x1, mean2, rstd2, ln2_w, g, True
+        )
+        # Attention branch: x1 = x + proj(softmax(scale·q·kᵀ)·v).
+        dy1 = dy1.view(-1, d)
+        dw_proj = torch.mm(dy1.t(), o)
+        do = torch.mm(dy1, w_proj).view(b, n, heads, d // heads).transpose(1, 2).contiguous()
+        ds = ops.scaled_softmax_bwd(torch.matmul(do, v.transpose(-2, -1)), p, scale)
+        dv = torch.matmul(p.transpose(-2, -1), do)
+        dq, dk = torch.matmul(ds, k), torch.matmul(ds.transpose(-2, -1), q)
+        dqkv, db_qkv = ops.merge_heads(dq, dk, dv)
+        dqkv = dqkv.view(-1, 3 * d)
+        dw_qkv = torch.mm(dqkv.t(), h1.view(-1, d))
+        gx, dln1_w, dln1_b = ops.layer_norm_bwd(torch.mm(dqkv, w_qkv).view(b, n, d), x, mean1, rstd1, ln1_w, g1, False)  # fmt: skip
+        grads = (dw_qkv, db_qkv, dw_proj, db_proj, dln2_w, dln2_b, dw_fc1, db_fc1, dw_fc2, db_fc2)
+        return (gx, dln1_w, dln1_b, *(t.float() for t in grads), None, None)
