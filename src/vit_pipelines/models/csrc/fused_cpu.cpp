@@ -22,7 +22,6 @@ inline __mmask16 tail_mask(int64_t n) { return static_cast<__mmask16>((1u << n) 
 
 // Loads/stores of 16 values (or the first n of them) as float32 registers.
 inline Vec load(const float* p) { return _mm512_loadu_ps(p); }
-inline Vec load(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(tail_mask(n), p); }
 inline Vec widen(__m256i bf16) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16), 16)); }
 inline Vec load(const BFloat16* p) { return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
 inline Vec load(const BFloat16* p, int64_t n) { return widen(_mm256_maskz_loadu_epi16(tail_mask(n), p)); }
