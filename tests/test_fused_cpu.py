@@ -38,7 +38,8 @@ def test_gelu_kernels_round_the_exact_gelu_and_its_derivative(ops):
     exact = (z.double() + bias.double()).requires_grad_(True)
     F.gelu(exact).backward(torch.ones_like(exact))
     upstream = torch.full_like(z, 0.5)
-    dh, bias_grad = ops.bias_gelu_bwd(upstream, z, bias)
+    dh, dh_t, bias_grad = ops.bias_gelu_bwd(upstream, z, bias)
+    assert torch.equal(dh_t, dh.t())
     keep = F.gelu(exact).abs() > 1e-3  # far-left tail: float32's erf saturates, as in torch's own kernel
     # half a bf16 step from the final rounding, plus the float32 arithmetic before it
     assert bf16_ulps(ops.bias_gelu_fwd(z, bias), F.gelu(exact).detach())[keep].max() <= 0.6
@@ -72,11 +73,12 @@ def test_layer_norm_kernels_and_the_residual_they_carry(ops):
     dy, g = torch.randn(4, 9, 64, generator=gen).bfloat16(), torch.randn(4, 9, 64, generator=gen)
     wd, bd = w.double().requires_grad_(True), b.double().requires_grad_(True)
     F.layer_norm(exact, (64,), wd, bd, 1e-6).backward(dy.double())
-    g_out, dw, db, g_bf16, g_sums = ops.layer_norm_bwd(dy, x, mean, rstd, w, g, True)
+    g_out, dw, db, g_bf16, g_bf16_t, g_sums = ops.layer_norm_bwd(dy, x, mean, rstd, w, g, True)
     torch.testing.assert_close(g_out.double(), g.double() + exact.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dw.double(), wd.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(db.double(), bd.grad, rtol=1e-5, atol=1e-5)
     assert torch.equal(g_bf16, g_out.bfloat16())
+    assert torch.equal(g_bf16_t, g_bf16.view(-1, 64).t())
     torch.testing.assert_close(g_sums, g_out.sum((0, 1)), rtol=1e-5, atol=1e-5)
 
 
@@ -86,9 +88,23 @@ def test_head_split_and_merge_are_inverse_layouts(ops):
     q, k, v = ops.split_heads(qkv, bias, 2)
     want = qkv.view(2, 5, 3, 2, 32).permute(2, 0, 3, 1, 4)
     assert all(torch.equal(t, want[i]) for i, t in enumerate((q, k, v)))
-    merged, sums = ops.merge_heads(q, k, v)
+    merged, merged_t, sums = ops.merge_heads(q, k, v)
     assert torch.equal(merged, qkv)
+    assert torch.equal(merged_t, qkv.view(10, -1).t())
     torch.testing.assert_close(sums, qkv.float().sum((0, 1)))
+
+
+@pytest.mark.parametrize("rows", [1, 16, 77, 8320])
+def test_gradient_kernels_store_the_transpose_the_weight_gradient_reads(ops, rows):
+    """Whole and partial tiles of rows: the transposed copy equals the gradient's transpose exactly."""
+    gen = torch.Generator().manual_seed(rows)
+    z, upstream = torch.randn(2, rows, 48, generator=gen).bfloat16()
+    dh, dh_t, _ = ops.bias_gelu_bwd(upstream, z, torch.zeros(48))
+    assert torch.equal(dh_t, dh.t())
+    g = torch.randn(rows, 48, generator=gen)
+    g_bf16, sums = ops.cast_colsum(g)
+    assert torch.equal(g_bf16, g.bfloat16())
+    torch.testing.assert_close(sums.double(), g.double().sum(0), rtol=1e-5, atol=rows * 1e-7)
 
 
 def gradients(model: VisionTransformer, images, labels, autocast: bool) -> tuple[torch.Tensor, dict]:
