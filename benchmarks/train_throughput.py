@@ -3,7 +3,8 @@
 Per shape (ViT-Ti/4 at 32 px, batch 128, 5 timed steps per round; ViT-S/16 at 224 px, batch 32, 2 steps per
 round; 12 layers, 100 classes) and per
 configuration (float32 or bf16 autocast, eager or `torch.compile`), both models run the same training step:
-forward, softmax cross-entropy, backward, AdamW. Rounds alternate between the models so machine noise hits both
+forward, softmax cross-entropy, backward, fused AdamW; glibc keeps freed memory (`keep_freed_memory`, as the
+project's training does). Rounds alternate between the models so machine noise hits both
 alike; the median images/s counts. The FLOPs of one training step are counted by `torch.utils.flop_counter`
 (matmuls, convolutions and attention, forward and backward) and give the achieved TFLOP/s and the model FLOP
 utilisation (MFU) against a bf16 matmul peak measured in the same run.
@@ -36,6 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vit_pipelines.models import VisionTransformer, ViTConfig
 from vit_pipelines.models.checkpoints import export_hf
+from vit_pipelines.training.loop import keep_freed_memory
 
 SHAPES = {
     "Ti/4@32": dict(variant="Ti/4", image_size=32, batch_size=128, steps=5),
@@ -73,7 +75,7 @@ def make_step(
     """One training step (forward, cross-entropy, backward, AdamW) returning the loss, on the device."""
     net = Logits(model)
     forward = torch.compile(net) if compiled else net
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0, fused=True)
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
@@ -276,6 +278,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results/train_throughput.json")
     args = parser.parse_args()
+    keep_freed_memory()  # as training does; process-wide, so both models get it
     result = run(tuple(args.shapes), tuple(args.configs), args.rounds)
     report(result)
     write_json(args.out, result)

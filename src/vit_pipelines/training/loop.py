@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
 import dataclasses
 import hashlib
 import json
 import logging
 import math
+import platform
 import shutil
 import time
 from collections.abc import Callable
@@ -120,6 +122,21 @@ def resolve_mixed_precision(requested: str) -> str:
     return "bf16" if torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX") else "no"
 
 
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed blocks for reuse instead of handing them back to the kernel.
+
+    A CPU training step allocates and frees hundreds of megabytes of activations. By default glibc serves blocks
+    above its (adaptive) mmap threshold with fresh mappings and trims the heap top, so every step page-faults all
+    of it in again: ~80,000 faults and 10-15% of a ViT-Ti/4 step on this project's CPU machine. Blocks up to
+    32 MiB (glibc's ceiling) now come from the heap, which keeps up to 1 GiB free at its top; the resident size
+    stays at the run's peak instead of breathing. Returns whether the settings applied (glibc only)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    mallopt = ctypes.CDLL("libc.so.6").mallopt
+    return bool(mallopt(m_trim_threshold, 1 << 30)) and bool(mallopt(m_mmap_threshold, 32 << 20))
+
+
 def process_state() -> PartialState:
     """Accelerate's per-process state: the process group under `accelerate launch`. `ACCELERATE_USE_CPU` is
     honoured as `Accelerator` honours it; a bare `PartialState()` would not, and, being shared, would leave a
@@ -131,6 +148,7 @@ def make_accelerator(mixed_precision: str = "auto") -> Accelerator:
     """An Accelerator that splits each global batch across processes. Accelerate keeps one state per
     process; a run asking for another precision than the last one resets it (the process group stays)."""
     precision = resolve_mixed_precision(mixed_precision)
+    keep_freed_memory()  # training's allocation pattern; harmless for the device's own allocator
     state = AcceleratorState._shared_state
     if state and state.get("_mixed_precision") not in (None, precision):
         AcceleratorState._reset_state(reset_partial_state=False)
@@ -187,8 +205,9 @@ def train(
     if isinstance(objective, Classification):
         check_labels(train_cache, model.config.num_classes)
     torch.manual_seed(config.seed)
+    fused = accelerator.device.type in ("cpu", "cuda")  # not XLA: its parameters move after this
     optimizer = build_optimizer(
-        objective, config.optimizer, config.lr, config.weight_decay, config.betas, config.momentum
+        objective, config.optimizer, config.lr, config.weight_decay, config.betas, config.momentum, fused
     )
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     ema = None  # starts at the initial weights; a resume overwrites it with the checkpoint's
