@@ -38,8 +38,9 @@ def test_gelu_kernels_round_the_exact_gelu_and_its_derivative(ops):
     exact = (z.double() + bias.double()).requires_grad_(True)
     F.gelu(exact).backward(torch.ones_like(exact))
     upstream = torch.full_like(z, 0.5)
-    dh, dh_t, bias_grad = ops.bias_gelu_bwd(upstream, z, bias)
+    dh, dh_t, a_t, bias_grad = ops.bias_gelu_bwd(upstream, z, bias)
     assert torch.equal(dh_t, dh.t())
+    assert torch.equal(a_t, ops.bias_gelu_fwd(z, bias).t())  # recomputed, not approximately
     keep = F.gelu(exact).abs() > 1e-3  # far-left tail: float32's erf saturates, as in torch's own kernel
     # half a bf16 step from the final rounding, plus the float32 arithmetic before it
     assert bf16_ulps(ops.bias_gelu_fwd(z, bias), F.gelu(exact).detach())[keep].max() <= 0.6
@@ -99,8 +100,9 @@ def test_gradient_kernels_store_the_transpose_the_weight_gradient_reads(ops, row
     """Whole and partial tiles of rows: the transposed copy equals the gradient's transpose exactly."""
     gen = torch.Generator().manual_seed(rows)
     z, upstream = torch.randn(2, rows, 48, generator=gen).bfloat16()
-    dh, dh_t, _ = ops.bias_gelu_bwd(upstream, z, torch.zeros(48))
+    dh, dh_t, a_t, _ = ops.bias_gelu_bwd(upstream, z, torch.zeros(48))
     assert torch.equal(dh_t, dh.t())
+    assert torch.equal(a_t, ops.bias_gelu_fwd(z, torch.zeros(48)).t())
     g = torch.randn(rows, 48, generator=gen)
     g_bf16, sums = ops.cast_colsum(g)
     assert torch.equal(g_bf16, g.bfloat16())

@@ -115,7 +115,7 @@ class _FusedBlock(torch.autograd.Function):
         z = torch.mm(h2.view(-1, d), w_fc1.t())
         a = ops.bias_gelu_fwd(z, fc1_b)
         out = ops.add_bias_residual(x1, torch.mm(a, w_fc2.t()).view(b, n, d), fc2_b)
-        ctx.save_for_backward(x, h1, mean1, rstd1, q, k, v, p, o, x1, h2, mean2, rstd2, z, a)
+        ctx.save_for_backward(x, h1, mean1, rstd1, q, k, v, p, o, x1, h2, mean2, rstd2, z)  # a: recomputed
         ctx.params = (ln1_w, w_qkv, w_proj, ln2_w, w_fc1, fc1_b, w_fc2)
         ctx.scale = scale
         return out
@@ -123,16 +123,16 @@ class _FusedBlock(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         ops, scale = _kernels, ctx.scale
-        x, h1, mean1, rstd1, q, k, v, p, o, x1, h2, mean2, rstd2, z, a = ctx.saved_tensors
+        x, h1, mean1, rstd1, q, k, v, p, o, x1, h2, mean2, rstd2, z = ctx.saved_tensors
         ln1_w, w_qkv, w_proj, ln2_w, w_fc1, fc1_b, w_fc2 = ctx.params
         (b, n, d), heads = x.shape, q.shape[1]
         # MLP branch: out = x1 + fc2(GELU(fc1(h2))).
-        # Weight gradients gᵀ·x read gᵀ as the kernels store it ([out, rows]) where that is much faster than g's
-        # transposed view (qkv, proj, fc1: 1.5-2.5x); fc2's (192 x 768 from rows of 768) gains too little for the write.
+        # Weight gradients gᵀ·x read gᵀ as the kernels store it ([out, rows]), 1.5-2.5x faster than g's transposed
+        # view; fc2's, (aᵀ·g)ᵀ, reads the GELU output transposed (aᵀ, recomputed by the GELU backward kernel).
         dy2, db_fc2 = ops.cast_colsum(g.contiguous())
         dy2 = dy2.view(-1, d)
-        dw_fc2 = torch.mm(dy2.t(), a)
-        dz, dz_t, db_fc1 = ops.bias_gelu_bwd(torch.mm(dy2, w_fc2), z, fc1_b)
+        dz, dz_t, a_t, db_fc1 = ops.bias_gelu_bwd(torch.mm(dy2, w_fc2), z, fc1_b)
+        dw_fc2 = torch.mm(a_t, dy2).t()
         dw_fc1 = torch.mm(dz_t, h2.view(-1, d))
         g1, dln2_w, dln2_b, dy1, dy1_t, db_proj = ops.layer_norm_bwd(
             torch.mm(dz, w_fc1).view(b, n, d), x1, mean2, rstd2, ln2_w, g, True
