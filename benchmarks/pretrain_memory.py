@@ -1,7 +1,8 @@
 """Peak memory (RSS) and wall time of the default `kedro run --pipeline pretrain`, in a scratch copy of the project.
 
 The run's whole process tree (kedro and any worker it starts) is sampled every 0.2 s; the peak of the summed
-resident set size is reported, beside the largest single process's own peak (`ru_maxrss`). `--steps N`
+resident set size is reported, beside the largest single process's own peak (`ru_maxrss` of the reaped run:
+`RUSAGE_CHILDREN` would also count earlier children of the benchmark process, e.g. forks of a large parent). `--steps N`
 shortens training (every evaluation, probe and checkpoint of the first N steps still happens); the default is
 the full configured run.
 
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import shutil
 import subprocess
 import tempfile
@@ -60,7 +60,11 @@ def run(steps: int | None = None) -> dict[str, Any]:
             command, cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         ) as p:
             watched = psutil.Process(p.pid)
-            while p.poll() is None:
+            while True:
+                pid, status, usage = os.wait4(p.pid, os.WNOHANG)
+                if pid:  # reaped here: `usage` is this run's own, not that of every child this process had
+                    p.returncode = os.waitstatus_to_exitcode(status)
+                    break
                 peak = max(peak, tree_rss(watched))
                 time.sleep(0.2)
             errors = p.stderr.read().decode(errors="replace")
@@ -73,7 +77,7 @@ def run(steps: int | None = None) -> dict[str, Any]:
         "command": " ".join(command),
         "steps": steps or "as configured",
         "peak_rss_bytes": peak,
-        "largest_process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
+        "largest_process_peak_rss_bytes": usage.ru_maxrss * 1024,
         "wall_seconds": seconds,
     }
 
