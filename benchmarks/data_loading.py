@@ -27,7 +27,6 @@ from vit_pipelines.data.cache import cache_images
 from vit_pipelines.data.loader import train_loader
 from vit_pipelines.pipelines.pretrain.nodes import build_model
 from vit_pipelines.training.loop import TrainConfig, make_accelerator
-from vit_pipelines.training.optim import build_optimizer
 
 PARAMETERS = Path(__file__).resolve().parents[1] / "conf" / "base" / "parameters_pretrain.yml"
 
@@ -49,7 +48,7 @@ def model_images_per_second(params: dict[str, Any], cache, batch: int, steps: in
     model = build_model(params["model"], 1000, config.loss, config.seed)
     objective = config.build_objective(model)
     accelerator = make_accelerator(config.mixed_precision)
-    optimizer = build_optimizer(objective, config.optimizer, config.lr, config.weight_decay, fused=True)
+    optimizer = config.build_optimizer(objective, accelerator.device)
     prepared, optimizer = accelerator.prepare(objective, optimizer)
     batches = list(train_loader(cache, config.pp_train, batch, 2, seed=0))
 

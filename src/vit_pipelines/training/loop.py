@@ -102,6 +102,14 @@ class TrainConfig:
         """The objective these settings name (`objective`, `loss`, `label_smoothing`, `drloc`), wrapping `model`."""
         return build_objective(model, self.objective, self.loss, self.label_smoothing, self.drloc)
 
+    def build_optimizer(self, objective: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
+        """The optimiser these settings name over `objective`'s parameters; AdamW runs its fused kernel where the
+        parameters will train on CPU or CUDA (not XLA: they move there after this, and it has no such kernel)."""
+        fused = device.type in ("cpu", "cuda")
+        return build_optimizer(
+            objective, self.optimizer, self.lr, self.weight_decay, self.betas, self.momentum, fused
+        )
+
 
 @dataclass
 class TrainResult:
@@ -205,10 +213,7 @@ def train(
     if isinstance(objective, Classification):
         check_labels(train_cache, model.config.num_classes)
     torch.manual_seed(config.seed)
-    fused = accelerator.device.type in ("cpu", "cuda")  # not XLA: its parameters move after this
-    optimizer = build_optimizer(
-        objective, config.optimizer, config.lr, config.weight_decay, config.betas, config.momentum, fused
-    )
+    optimizer = config.build_optimizer(objective, accelerator.device)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     ema = None  # starts at the initial weights; a resume overwrites it with the checkpoint's
     if config.ema_decay is not None:
