@@ -5,11 +5,14 @@ Under `torch.autocast("cpu", torch.bfloat16)` an eager block spends as long betw
 softmax and its casts, head (un)folding copies, GELU, bias-gradient column sums. `fused_block` computes the same
 function, x ↦ x + MSA(LN(x)) ↦ x + MLP(LN(x)), with its own forward and backward: the matmuls run bias-free in
 bfloat16 (float32 accumulation) and one kernel per group of element-wise work (`csrc/fused_cpu.cpp`) adds the
-bias where the next pass reads the data anyway. Precision matches autocast's: residual stream, layer-norm
-statistics, softmax and GELU in float32, matmul operands in bfloat16, parameter gradients in float32.
+bias where the next pass reads the data anyway. Attention is one kernel each way: per image and head, its
+matmuls run on AMX tiles (Sapphire Rapids and later; AVX-512 FMAs elsewhere) from per-thread scratch, with the
+softmax between them, so only q, k, v, the probabilities and the output touch memory. Precision matches
+autocast's: residual stream, layer-norm statistics, attention scores, softmax and GELU in float32, matmul operands
+in bfloat16, parameter gradients in float32.
 
-The kernels are compiled on first use with torch's C++ extension builder (a C++ compiler and about a minute,
-then cached under `~/.cache/torch_extensions`). Where they cannot be built or do not apply (no AVX-512, a GPU,
+The kernels are compiled on first use with torch's C++ extension builder (a C++ compiler that knows AMX, i.e.
+GCC ≥ 11 or Clang ≥ 12, and about a minute, then cached under `~/.cache/torch_extensions`). Where they cannot be built or do not apply (no AVX-512, a GPU,
 float32 training, dropout, attention maps asked for, `torch.compile` tracing) the model runs its plain modules;
 `VIT_FUSED_CPU=0` forces that.
 """
@@ -27,16 +30,17 @@ log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("csrc") / "fused_cpu.cpp"
 _FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"]
-_FLAGS += ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
+_FLAGS += ["-mamx-tile", "-mamx-bf16", "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
 if torch.cpu._is_avx512_bf16_supported():  # one-instruction float32 → bfloat16 rounding
     _FLAGS.append("-mavx512bf16")
 _kernels: ModuleType | None = None
 _tried = False
+_amx = False  # whether the attention kernels use the AMX tiles (else AVX-512 FMAs)
 
 
 def kernels() -> ModuleType | None:
     """The compiled kernels, built on the first call; None where this machine cannot run them."""
-    global _kernels, _tried
+    global _kernels, _tried, _amx
     if not _tried:
         _tried = True
         if os.environ.get("VIT_FUSED_CPU", "1") == "0":
@@ -50,6 +54,7 @@ def kernels() -> ModuleType | None:
                 _kernels = cpp_extension.load(
                     "vit_pipelines_fused_cpu", [str(_SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"]
                 )
+                _amx = _kernels.amx_ready()
             except Exception as error:  # no compiler, headers or ninja: the plain modules still work
                 log.warning("fused CPU kernels unavailable (%s); using the plain modules", error)
     return _kernels
@@ -107,25 +112,25 @@ class _FusedBlock(torch.autograd.Function):
         scale = (d // heads) ** -0.5
         w_qkv, w_proj, w_fc1, w_fc2 = (w.to(torch.bfloat16) for w in (qkv_w, proj_w, fc1_w, fc2_w))
         h1, mean1, rstd1 = ops.layer_norm_fwd(x, ln1_w, ln1_b, eps)
-        q, k, v = ops.split_heads(torch.mm(h1.view(-1, d), w_qkv.t()).view(b, n, 3 * d), qkv_b, heads)
-        p = ops.scaled_softmax_fwd(torch.matmul(q, k.transpose(-2, -1)), scale)
-        o = torch.matmul(p, v).transpose(1, 2).reshape(b * n, d)
-        x1 = ops.add_bias_residual(x, torch.mm(o, w_proj.t()).view(b, n, d), proj_b)
+        qkv = torch.mm(h1.view(-1, d), w_qkv.t()).view(b, n, 3 * d)
+        o, p = ops.attention_fwd(qkv, qkv_b, heads, scale, _amx)
+        x1 = ops.add_bias_residual(x, torch.mm(o.view(-1, d), w_proj.t()).view(b, n, d), proj_b)
         h2, mean2, rstd2 = ops.layer_norm_fwd(x1, ln2_w, ln2_b, eps)
         z = torch.mm(h2.view(-1, d), w_fc1.t())
         a = ops.bias_gelu_fwd(z, fc1_b)
         out = ops.add_bias_residual(x1, torch.mm(a, w_fc2.t()).view(b, n, d), fc2_b)
-        ctx.save_for_backward(x, h1, mean1, rstd1, q, k, v, p, o, x1, h2, mean2, rstd2, z)  # a: recomputed
-        ctx.params = (ln1_w, w_qkv, w_proj, ln2_w, w_fc1, fc1_b, w_fc2)
+        ctx.save_for_backward(x, h1, mean1, rstd1, qkv, p, o, x1, h2, mean2, rstd2, z)  # a: recomputed
+        ctx.params = (ln1_w, w_qkv, qkv_b, w_proj, ln2_w, w_fc1, fc1_b, w_fc2)
+        ctx.heads = heads
         ctx.scale = scale
         return out
 
     @staticmethod
     def backward(ctx, g):
         ops, scale = _kernels, ctx.scale
-        x, h1, mean1, rstd1, q, k, v, p, o, x1, h2, mean2, rstd2, z = ctx.saved_tensors
-        ln1_w, w_qkv, w_proj, ln2_w, w_fc1, fc1_b, w_fc2 = ctx.params
-        (b, n, d), heads = x.shape, q.shape[1]
+        x, h1, mean1, rstd1, qkv, p, o, x1, h2, mean2, rstd2, z = ctx.saved_tensors
+        ln1_w, w_qkv, qkv_b, w_proj, ln2_w, w_fc1, fc1_b, w_fc2 = ctx.params
+        (b, n, d), heads = x.shape, ctx.heads
         # MLP branch: out = x1 + fc2(GELU(fc1(h2))).
         # Weight gradients gᵀ·x read gᵀ as the kernels store it ([out, rows]), 1.5-2.5x faster than g's transposed
         # view; fc2's, (aᵀ·g)ᵀ, reads the GELU output transposed (aᵀ, recomputed by the GELU backward kernel).
@@ -139,12 +144,9 @@ class _FusedBlock(torch.autograd.Function):
         )
         # Attention branch: x1 = x + proj(softmax(scale·q·kᵀ)·v).
         dy1 = dy1.view(-1, d)
-        dw_proj = torch.mm(dy1_t, o)
-        do = torch.mm(dy1, w_proj).view(b, n, heads, d // heads).transpose(1, 2).contiguous()
-        ds = ops.scaled_softmax_bwd(torch.matmul(do, v.transpose(-2, -1)), p, scale)
-        dv = torch.matmul(p.transpose(-2, -1), do)
-        dq, dk = torch.matmul(ds, k), torch.matmul(ds.transpose(-2, -1), q)
-        dqkv, dqkv_t, db_qkv = ops.merge_heads(dq, dk, dv)
+        dw_proj = torch.mm(dy1_t, o.view(-1, d))
+        do = torch.mm(dy1, w_proj).view(b, n, d)
+        dqkv, dqkv_t, db_qkv = ops.attention_bwd(do, qkv, qkv_b, p, heads, scale, _amx)
         dqkv = dqkv.view(-1, 3 * d)
         dw_qkv = torch.mm(dqkv_t, h1.view(-1, d))
         gx, dln1_w, dln1_b = ops.layer_norm_bwd(torch.mm(dqkv, w_qkv).view(b, n, d), x, mean1, rstd1, ln1_w, g1, False)  # fmt: skip

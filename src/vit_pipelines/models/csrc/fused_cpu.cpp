@@ -3,13 +3,19 @@
 // Under bf16 autocast, eager PyTorch spends ~40% of a small ViT's training step between the matmuls: layer norms
 // in float32 followed by casts, bias broadcasts before every addmm, a scaled float32 softmax and its casts,
 // head (un)folding copies, GELU, and bias-gradient column sums. Each kernel here does one of those groups in a
-// single pass over rows (parallel over rows, float32 arithmetic, bfloat16 rounding once at the output).
+// single pass over rows (parallel over rows, float32 arithmetic, bfloat16 rounding once at the output), except
+// attention: attention_fwd / attention_bwd do all of it, matmuls included (AMX tiles), one image at a time.
 // Python side, and the maths each kernel implements: vit_pipelines/models/fused_cpu.py.
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/extension.h>
 
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -324,114 +330,322 @@ std::vector<torch::Tensor> bias_gelu_bwd(const torch::Tensor& da, const torch::T
   return {dh, dh_t, a_t, sums.total()};
 }
 
-// softmax(scale * s) over the last dimension; s bfloat16, any row length.
-torch::Tensor scaled_softmax_fwd(const torch::Tensor& s, double scale) {
-  TORCH_CHECK(s.scalar_type() == torch::kBFloat16 && s.is_contiguous(), "s: expected contiguous bfloat16");
-  const int64_t n = s.size(-1), rows = s.numel() / n;
-  auto p = torch::empty_like(s);
-  const BFloat16* ps = s.data_ptr<BFloat16>();
-  BFloat16* pp = p.data_ptr<BFloat16>();
-  const Vec vscale(static_cast<float>(scale));
-  at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
-    std::vector<float> e(n + kLanes);
-    for (int64_t r = begin; r < end; ++r) {
-      const BFloat16* sr = ps + r * n;
-      Vec vmax(-INFINITY);
-      int64_t j = 0;
-      for (; j + kLanes <= n; j += kLanes) vmax = at::vec::maximum(vmax, load(sr + j) * vscale);
-      float mx = hmax(vmax);
-      for (; j < n; ++j) mx = std::max(mx, static_cast<float>(sr[j]) * static_cast<float>(scale));
-      Vec sum(0.f);
-      for (j = 0; j < n; j += kLanes) {
-        const int64_t m = std::min(kLanes, n - j);
-        const Vec ex = (load(sr + j, m) * vscale - Vec(mx)).exp_u20();
-        const Vec kept = _mm512_maskz_mov_ps(tail_mask(m), ex);
-        store(e.data() + j, kept);
-        sum += kept;
-      }
-      const Vec inv(1.f / hsum(sum));
-      for (j = 0; j < n; j += kLanes) store(pp + r * n + j, load(e.data() + j) * inv, std::min(kLanes, n - j));
-    }
-  });
-  return p;
+namespace {
+// Attention with AMX: the tile unit multiplies A (16 rows x 32 bfloat16) by B (16 "pair rows", each holding 16
+// columns as (b[2t][j], b[2t+1][j]) pairs) into C (16 x 16 float32) in one instruction, ~16x the work of an
+// AVX-512 bf16 dot product. One (image, head) of attention at ViT sizes (N ≤ a few hundred tokens, head width 64)
+// fits in L2, so each of the six matmuls of its forward and backward runs on tiles of per-thread scratch, with
+// the softmax and the layout changes in between: no [B, H, N, N] tensor but the probabilities goes to memory.
+
+// Tile registers 0-7, all 16 rows x 64 bytes (padding the operands to those sizes costs less than reconfiguring).
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+  TileConfig() {
+    for (int t = 0; t < 8; ++t) colsb[t] = 64, rows[t] = 16;
+  }
+};
+
+// The process may use the AMX tile state once Linux (≥ 5.16) grants it: arch_prctl(ARCH_REQ_XCOMP_PERM,
+// XFEATURE_XTILEDATA). False on CPUs or kernels without AMX.
+bool amx_ready() {
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  return ok;
 }
 
-// Gradient of scaled_softmax_fwd: ds = scale * p * (dp - sum(p * dp)), in bfloat16.
-torch::Tensor scaled_softmax_bwd(const torch::Tensor& dp, const torch::Tensor& p, double scale) {
-  TORCH_CHECK(dp.scalar_type() == torch::kBFloat16 && p.scalar_type() == torch::kBFloat16 && dp.is_contiguous() &&
-                  p.is_contiguous() && dp.sizes() == p.sizes(),
-              "dp, p: expected contiguous bfloat16 tensors of one shape");
-  const int64_t n = p.size(-1), rows = p.numel() / n;
-  auto ds = torch::empty_like(p);
-  const BFloat16 *pdp = dp.data_ptr<BFloat16>(), *pp = p.data_ptr<BFloat16>();
-  BFloat16* pds = ds.data_ptr<BFloat16>();
-  at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      Vec dot(0.f);
-      for (int64_t j = 0; j < n; j += kLanes) {
-        const int64_t m = std::min(kLanes, n - j);
-        dot = at::vec::fmadd(load(pp + r * n + j, m), load(pdp + r * n + j, m), dot);
+inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// c[m x n] (float32, row stride ldc) = a[m x k] (bf16, row stride lda) · b, with b given as pair rows
+// (tile_pairs_of_rows / tile_pairs_of_columns, row stride ldb ≥ 2n bf16). m, n multiples of 32; k of 32. Each step
+// computes a 32 x 32 block of c in four accumulator tiles from two tiles of a and two of b.
+void tile_matmul(const BFloat16* a, int64_t lda, const BFloat16* b, int64_t ldb, float* c, int64_t ldc, int64_t m,
+                 int64_t n, int64_t k) {
+  for (int64_t i = 0; i < m; i += 32)
+    for (int64_t j = 0; j < n; j += 32) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t kk = 0; kk < k; kk += 32) {
+        _tile_loadd(4, a + i * lda + kk, lda * 2);
+        _tile_loadd(5, a + (i + 16) * lda + kk, lda * 2);
+        _tile_loadd(6, b + kk / 2 * ldb + 2 * j, ldb * 2);
+        _tile_loadd(7, b + kk / 2 * ldb + 2 * (j + 16), ldb * 2);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
       }
-      const Vec sum(hsum(dot)), vscale(static_cast<float>(scale));
-      for (int64_t j = 0; j < n; j += kLanes) {
-        const int64_t m = std::min(kLanes, n - j);
-        store(pds + r * n + j, vscale * load(pp + r * n + j, m) * (load(pdp + r * n + j, m) - sum), m);
-      }
+      _tile_stored(0, c + i * ldc + j, ldc * 4);
+      _tile_stored(1, c + i * ldc + j + 16, ldc * 4);
+      _tile_stored(2, c + (i + 16) * ldc + j, ldc * 4);
+      _tile_stored(3, c + (i + 16) * ldc + j + 16, ldc * 4);
     }
-  });
-  return ds;
 }
 
-// qkv + b, [B, N, 3, H, Dh] bfloat16 from a matmul without bias → contiguous q, k, v of shape [B, H, N, Dh].
-std::vector<torch::Tensor> split_heads(const torch::Tensor& qkv, const torch::Tensor& b, int64_t heads) {
-  TORCH_CHECK(qkv.dim() == 3, "qkv: expected [B, N, 3 * D]");
-  const int64_t batch = qkv.size(0), tokens = qkv.size(1), width = qkv.size(2) / 3, dh = width / heads;
-  check_rows(qkv, torch::kBFloat16, 3 * width, "qkv");
-  TORCH_CHECK(dh * heads == width && dh % kLanes == 0, "head width must be a multiple of ", kLanes);
-  std::vector<torch::Tensor> out;
-  for (int i = 0; i < 3; ++i) out.push_back(torch::empty({batch, heads, tokens, dh}, qkv.options()));
-  const BFloat16* pin = qkv.data_ptr<BFloat16>();
+// tile_matmul without AMX (AVX-512 only): the same operands, four rows of c and 16 columns at a time, each bf16
+// pair widened to float32 for two FMAs.
+void vector_matmul(const BFloat16* a, int64_t lda, const BFloat16* b, int64_t ldb, float* c, int64_t ldc,
+                   int64_t m, int64_t n, int64_t k) {
+  const __m512i high = _mm512_set1_epi32(static_cast<int32_t>(0xffff0000u));
+  auto first = [](__m512i pairs) { return _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16)); };
+  auto second = [&](__m512i pairs) { return _mm512_castsi512_ps(_mm512_and_si512(pairs, high)); };
+  for (int64_t i = 0; i < m; i += 4)
+    for (int64_t j = 0; j < n; j += kLanes) {
+      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+      for (int64_t t = 0; t < k / 2; ++t) {
+        const __m512i bv = _mm512_loadu_si512(b + t * ldb + 2 * j);
+        const __m512 b0 = first(bv), b1 = second(bv);
+        for (int r = 0; r < 4; ++r) {
+          int32_t pair;
+          std::memcpy(&pair, a + (i + r) * lda + 2 * t, sizeof(pair));
+          const __m512i av = _mm512_set1_epi32(pair);
+          acc[r] = _mm512_fmadd_ps(first(av), b0, _mm512_fmadd_ps(second(av), b1, acc[r]));
+        }
+      }
+      for (int r = 0; r < 4; ++r) _mm512_storeu_ps(c + (i + r) * ldc + j, acc[r]);
+    }
+}
+
+// B operand for a · x (x bf16 [rows][cols], rows even, cols a multiple of 32): out row t interleaves rows 2t and
+// 2t + 1 of x, (x[2t][0], x[2t + 1][0], x[2t][1], ...), row stride 2 * cols.
+void tile_pairs_of_rows(const BFloat16* x, int64_t rows, int64_t cols, BFloat16* out) {
+  alignas(64) static const uint16_t lo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                             8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  const __m512i idx_lo = _mm512_load_si512(lo), idx_hi = _mm512_add_epi16(idx_lo, _mm512_set1_epi16(16));
+  for (int64_t t = 0; t < rows / 2; ++t)
+    for (int64_t c = 0; c < cols; c += 32) {
+      const __m512i a = _mm512_loadu_si512(x + 2 * t * cols + c), b = _mm512_loadu_si512(x + (2 * t + 1) * cols + c);
+      _mm512_storeu_si512(out + t * 2 * cols + 2 * c, _mm512_permutex2var_epi16(a, idx_lo, b));
+      _mm512_storeu_si512(out + t * 2 * cols + 2 * c + 32, _mm512_permutex2var_epi16(a, idx_hi, b));
+    }
+}
+
+// B operand for a · xᵀ (x bf16 [rows][cols], rows a multiple of 16, cols of 32): out row t holds the pairs
+// (x[j][2t], x[j][2t + 1]) for each j, row stride 2 * rows, i.e. x transposed as a matrix of 32-bit pairs.
+void tile_pairs_of_columns(const BFloat16* x, int64_t rows, int64_t cols, BFloat16* out) {
+  const auto* src = reinterpret_cast<const uint32_t*>(x);
+  auto* dst = reinterpret_cast<uint32_t*>(out);
+  const int64_t pairs = cols / 2;
+  for (int64_t j0 = 0; j0 < rows; j0 += 16)
+    for (int64_t t0 = 0; t0 < pairs; t0 += 16) {
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(src + (j0 + i) * pairs + t0);
+      // 16 x 16 transpose of 32-bit values: unpacks of 32 and 64 bits, then two rounds of 128-bit lane shuffles.
+      __m512i u[16];
+      for (int i = 0; i < 16; i += 2) {
+        u[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        u[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+      }
+      for (int i = 0; i < 16; i += 4)
+        for (int h = 0; h < 2; ++h) {
+          r[i + h] = _mm512_unpacklo_epi64(u[i + h], u[i + h + 2]);
+          r[i + h + 2] = _mm512_unpackhi_epi64(u[i + h], u[i + h + 2]);
+        }
+      for (int i = 0; i < 16; i += 8)
+        for (int h = 0; h < 4; ++h) {
+          u[i + h] = _mm512_shuffle_i32x4(r[i + h], r[i + h + 4], 0x88);
+          u[i + h + 4] = _mm512_shuffle_i32x4(r[i + h], r[i + h + 4], 0xdd);
+        }
+      for (int h = 0; h < 8; ++h) {
+        r[h] = _mm512_shuffle_i32x4(u[h], u[h + 8], 0x88);
+        r[h + 8] = _mm512_shuffle_i32x4(u[h], u[h + 8], 0xdd);
+      }
+      // Column c of the block ended up in register kRow[c].
+      static constexpr int kRow[16] = {0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15};
+      for (int i = 0; i < 16; ++i) _mm512_storeu_si512(dst + (t0 + i) * rows + j0, r[kRow[i]]);
+    }
+}
+
+// Square bf16 [n][n] transpose, n a multiple of 16.
+void transpose_square(const BFloat16* x, int64_t n, BFloat16* out) {
+  for (int64_t i = 0; i < n; i += 16)
+    for (int64_t j = 0; j < n; j += 16) transpose16x16(x + i * n + j, n, out + j * n + i, n);
+}
+
+// The shapes of one call: qkv [B, N, 3 * D] with D = H * Dh; per (image, head) scratch is padded to np = N and
+// e = Dh rounded up to 32.
+struct Heads {
+  int64_t batch, tokens, width, heads, dh, np, e;
+  bool amx;
+  Heads(const torch::Tensor& qkv, int64_t h, bool use_amx) : heads(h), amx(use_amx) {
+    TORCH_CHECK(qkv.dim() == 3 && qkv.size(2) % (3 * h) == 0, "qkv: expected [B, N, 3 * heads * head width]");
+    batch = qkv.size(0), tokens = qkv.size(1), width = qkv.size(2) / 3, dh = width / h;
+    check_rows(qkv, torch::kBFloat16, 3 * width, "qkv");
+    TORCH_CHECK(dh % kLanes == 0, "head width must be a multiple of ", kLanes, ", got ", dh);
+    TORCH_CHECK(!amx || amx_ready(), "AMX asked for but unavailable (it needs Sapphire Rapids or later, Linux ≥ 5.16)");
+    np = round_up(tokens, 32), e = round_up(dh, 32);
+  }
+  // c = a · b (see tile_matmul) on the AMX tiles, or with AVX-512 FMAs.
+  void matmul(const BFloat16* a, int64_t lda, const BFloat16* b, int64_t ldb, float* c, int64_t ldc, int64_t m,
+              int64_t n, int64_t k) const {
+    (amx ? tile_matmul : vector_matmul)(a, lda, b, ldb, c, ldc, m, n, k);
+  }
+  // Per worker: loads the tile configuration (AMX state is per thread) and releases it when the work is done.
+  template <typename Work>
+  void on_tiles(const Work& work) const {
+    const TileConfig config;
+    if (amx) _tile_loadconfig(&config);
+    work();
+    if (amx) _tile_release();
+  }
+  // Image bi's rows of qkv plus the bias into img [N][3D], in one sequential pass: the hardware prefetcher streams
+  // it, where reading each head's columns from DRAM head by head ran ~40% slower.
+  void stage(const BFloat16* qkv, const float* bias, int64_t bi, BFloat16* img) const {
+    const int64_t cols = 3 * width;
+    const BFloat16* src = qkv + bi * tokens * cols;
+    for (int64_t i = 0; i < tokens; ++i)
+      for (int64_t c = 0; c < cols; c += kLanes) store(img + i * cols + c, load(src + i * cols + c) + load(bias + c));
+  }
+  // Columns [col, col + Dh) of the N rows of x (ld values apart) into out [np][e].
+  void head(const BFloat16* x, int64_t ld, int64_t col, BFloat16* out) const {
+    for (int64_t i = 0; i < tokens; ++i) std::memcpy(out + i * e, x + i * ld + col, dh * sizeof(BFloat16));
+  }
+};
+
+// Per-thread scratch: zero-initialised, and the kernels write only the valid rows and columns of the padded
+// buffers, so the padding stays zero and adds nothing to the matmuls.
+struct Scratch {
+  std::vector<BFloat16> data;
+  std::vector<float> f32;
+  Scratch(int64_t bf16_values, int64_t f32_values) : data(bf16_values), f32(f32_values) {}
+};
+}  // namespace
+
+namespace {
+// Rows i < n of p = softmax(scale · score) (score float32 [n][ld], p bfloat16 [n][ld] and, rows n apart, p_out).
+void softmax_rows(const float* score, int64_t n, int64_t ld, float scale, BFloat16* p, BFloat16* p_out) {
+  const Vec vscale(scale);
+  std::vector<float> ex(ld);
+  for (int64_t i = 0; i < n; ++i) {
+    const float* sr = score + i * ld;
+    Vec vmax(-INFINITY);
+    for (int64_t j = 0; j < n; j += kLanes)
+      vmax = at::vec::maximum(
+          vmax, Vec(_mm512_mask_mov_ps(Vec(-INFINITY), tail_mask(std::min(kLanes, n - j)), load(sr + j) * vscale)));
+    const Vec mx(hmax(vmax));
+    Vec sum(0.f);
+    for (int64_t j = 0; j < n; j += kLanes) {
+      const Vec x = _mm512_maskz_mov_ps(tail_mask(std::min(kLanes, n - j)), (load(sr + j) * vscale - mx).exp_u20());
+      store(ex.data() + j, x);
+      sum += x;
+    }
+    const Vec inv(1.f / hsum(sum));
+    for (int64_t j = 0; j < n; j += kLanes) {
+      const int64_t m = std::min(kLanes, n - j);
+      store(p + i * ld + j, load(ex.data() + j) * inv, m);
+      store(p_out + i * n + j, load(ex.data() + j) * inv, m);
+    }
+  }
+}
+
+// Rows i < n of ds = scale · p ⊙ (dp − Σ_j p ⊙ dp) (p, ds bfloat16 and dp float32, all [n][ld]; p's padding is 0).
+void softmax_grad_rows(const BFloat16* p, const float* dp, int64_t n, int64_t ld, float scale, BFloat16* ds) {
+  for (int64_t i = 0; i < n; ++i) {
+    Vec dot(0.f);
+    for (int64_t j = 0; j < n; j += kLanes) dot = at::vec::fmadd(load(p + i * ld + j), load(dp + i * ld + j), dot);
+    const Vec total(hsum(dot)), vscale(scale);
+    for (int64_t j = 0; j < n; j += kLanes)
+      store(ds + i * ld + j, vscale * load(p + i * ld + j) * (load(dp + i * ld + j) - total), std::min(kLanes, n - j));
+  }
+}
+}  // namespace
+
+// Multi-head attention forward from the qkv matmul's output (without its bias b): per image and head,
+// p = softmax(scale · q·kᵀ) and o = p·v. Returns o [B, N, D] (heads side by side, the proj layer's input) and p
+// [B, H, N, N], both bfloat16; scores and their softmax in float32. amx: tiles, else AVX-512 FMAs.
+std::vector<torch::Tensor> attention_fwd(const torch::Tensor& qkv, const torch::Tensor& b, int64_t heads,
+                                         double scale, bool amx) {
+  const Heads s(qkv, heads, amx);
+  const int64_t n = s.tokens, np = s.np, e = s.e, d3 = 3 * s.width;
+  auto o = torch::empty({s.batch, n, s.width}, qkv.options());
+  auto p = torch::empty({s.batch, heads, n, n}, qkv.options());
+  const BFloat16* pqkv = qkv.data_ptr<BFloat16>();
   const float* pb = b.data_ptr<float>();
-  BFloat16* pout[3] = {out[0].data_ptr<BFloat16>(), out[1].data_ptr<BFloat16>(), out[2].data_ptr<BFloat16>()};
-  at::parallel_for(0, batch * tokens, kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t bi = row / tokens, t = row % tokens;
-      const BFloat16* src = pin + row * 3 * width;
-      for (int64_t which = 0, c = 0; which < 3; ++which)
+  BFloat16 *po = o.data_ptr<BFloat16>(), *pp = p.data_ptr<BFloat16>();
+  at::parallel_for(0, s.batch, 1, [&](int64_t first, int64_t last) {
+    s.on_tiles([&] {
+      Scratch w(n * d3 + 5 * np * e + np * np, np * np + np * e);
+      BFloat16 *img = w.data.data(), *q = img + n * d3, *k = q + np * e, *v = k + np * e, *kc = v + np * e;
+      BFloat16 *vr = kc + np * e, *prob = vr + np * e;
+      float *score = w.f32.data(), *out = score + np * np;
+      for (int64_t bi = first; bi < last; ++bi) {
+        s.stage(pqkv, pb, bi, img);
         for (int64_t h = 0; h < heads; ++h) {
-          BFloat16* dst = pout[which] + ((bi * heads + h) * tokens + t) * dh;
-          for (int64_t j = 0; j < dh; j += kLanes, c += kLanes) store(dst + j, load(src + c) + load(pb + c));
+          s.head(img, d3, h * s.dh, q), s.head(img, d3, s.width + h * s.dh, k);
+          s.head(img, d3, 2 * s.width + h * s.dh, v);
+          tile_pairs_of_columns(k, np, e, kc);
+          s.matmul(q, e, kc, 2 * np, score, np, np, np, e);
+          softmax_rows(score, n, np, static_cast<float>(scale), prob, pp + (bi * heads + h) * n * n);
+          tile_pairs_of_rows(v, np, e, vr);
+          s.matmul(prob, np, vr, 2 * e, out, e, np, e, np);
+          for (int64_t i = 0; i < n; ++i)
+            for (int64_t d = 0; d < s.dh; d += kLanes)
+              store(po + (bi * n + i) * s.width + h * s.dh + d, load(out + i * e + d));
         }
-    }
+      }
+    });
   });
-  return out;
+  return {o, p};
 }
 
-// Inverse layout of split_heads for the gradients: dq, dk, dv [B, H, N, Dh] → dqkv [B, N, 3 * D] bfloat16, also
-// transposed ([3 * D, B * N]), and its column sums (the qkv bias gradient).
-std::vector<torch::Tensor> merge_heads(const torch::Tensor& dq, const torch::Tensor& dk, const torch::Tensor& dv) {
-  const int64_t batch = dq.size(0), heads = dq.size(1), tokens = dq.size(2), dh = dq.size(3), width = heads * dh;
-  for (const auto* t : {&dq, &dk, &dv}) check_rows(*t, torch::kBFloat16, dh, "dq/dk/dv");
-  auto dqkv = torch::empty({batch, tokens, 3 * width}, dq.options()), dqkv_t = empty_transposed(dqkv);
-  ColumnSums sums(3 * width);
-  const BFloat16* pin[3] = {dq.data_ptr<BFloat16>(), dk.data_ptr<BFloat16>(), dv.data_ptr<BFloat16>()};
-  BFloat16* pout = dqkv.data_ptr<BFloat16>();
-  for_row_tiles(batch * tokens, 3 * width, pout, dqkv_t.data_ptr<BFloat16>(), [&](int64_t begin, int64_t end,
-                                                                                 int64_t tid) {
-    float* s = sums.row(tid);
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t bi = row / tokens, t = row % tokens;
-      BFloat16* dst = pout + row * 3 * width;
-      for (int64_t which = 0, c = 0; which < 3; ++which)
+// Backward of attention_fwd for the output gradient do [B, N, D] (bfloat16): dqkv [B, N, 3 * D] bfloat16, also
+// transposed ([3 * D, B * N]), and its column sums (the qkv bias gradient). dv = pᵀ·do, dp = do·vᵀ,
+// ds = scale · p ⊙ (dp − rowsum(p ⊙ dp)), dq = ds·k, dk = dsᵀ·q.
+std::vector<torch::Tensor> attention_bwd(const torch::Tensor& dout, const torch::Tensor& qkv, const torch::Tensor& b,
+                                         const torch::Tensor& p, int64_t heads, double scale, bool amx) {
+  const Heads s(qkv, heads, amx);
+  const int64_t n = s.tokens, np = s.np, e = s.e, d3 = 3 * s.width, rows = s.batch * n;
+  check_rows(dout, torch::kBFloat16, s.width, "do");
+  TORCH_CHECK(p.scalar_type() == torch::kBFloat16 && p.is_contiguous() && p.numel() == s.batch * heads * n * n,
+              "p: expected contiguous bfloat16 [B, H, N, N]");
+  auto dqkv = torch::empty_like(qkv), dqkv_t = empty_transposed(dqkv);
+  ColumnSums sums(d3);
+  const BFloat16 *pqkv = qkv.data_ptr<BFloat16>(), *pdo = dout.data_ptr<BFloat16>(), *pp = p.data_ptr<BFloat16>();
+  const float* pb = b.data_ptr<float>();
+  BFloat16 *pd = dqkv.data_ptr<BFloat16>(), *pd_t = dqkv_t.data_ptr<BFloat16>();
+  at::parallel_for(0, s.batch, 1, [&](int64_t first, int64_t last) {
+    s.on_tiles([&] {
+      Scratch w(n * d3 + 5 * np * e + 4 * np * np, np * np + np * e);
+      BFloat16 *img = w.data.data(), *q = img + n * d3, *k = q + np * e, *v = k + np * e, *dov = v + np * e;
+      BFloat16 *pairs = dov + np * e, *prob = pairs + np * e, *prob_t = prob + np * np, *ds = prob_t + np * np;
+      BFloat16* ds_t = ds + np * np;
+      float *dp = w.f32.data(), *out = dp + np * np, *colsum = sums.row(at::get_thread_num());
+      for (int64_t bi = first; bi < last; ++bi) {
+        BFloat16* grad = pd + bi * n * d3;  // this image's rows of dqkv
+        // Writes the float32 result out [np][e] as part (0: q, 1: k, 2: v) of head h's columns of grad.
+        auto emit = [&](int64_t h, int64_t part) {
+          const int64_t col = part * s.width + h * s.dh;
+          for (int64_t i = 0; i < n; ++i)
+            for (int64_t d = 0; d < s.dh; d += kLanes) store(grad + i * d3 + col + d, load(out + i * e + d));
+        };
+        s.stage(pqkv, pb, bi, img);
         for (int64_t h = 0; h < heads; ++h) {
-          const BFloat16* src = pin[which] + ((bi * heads + h) * tokens + t) * dh;
-          for (int64_t j = 0; j < dh; j += kLanes, c += kLanes) {
-            const Vec v = load(src + j);
-            store(dst + c, v);
-            store(s + c, load(s + c) + v);
-          }
+          s.head(img, d3, h * s.dh, q), s.head(img, d3, s.width + h * s.dh, k);
+          s.head(img, d3, 2 * s.width + h * s.dh, v), s.head(pdo + bi * n * s.width, s.width, h * s.dh, dov);
+          const BFloat16* p_in = pp + (bi * heads + h) * n * n;
+          for (int64_t i = 0; i < n; ++i) std::memcpy(prob + i * np, p_in + i * n, n * sizeof(BFloat16));
+          tile_pairs_of_columns(v, np, e, pairs);
+          s.matmul(dov, e, pairs, 2 * np, dp, np, np, np, e);
+          softmax_grad_rows(prob, dp, n, np, static_cast<float>(scale), ds);
+          tile_pairs_of_rows(k, np, e, pairs);
+          s.matmul(ds, np, pairs, 2 * e, out, e, np, e, np);
+          emit(h, 0);
+          transpose_square(ds, np, ds_t);
+          tile_pairs_of_rows(q, np, e, pairs);
+          s.matmul(ds_t, np, pairs, 2 * e, out, e, np, e, np);
+          emit(h, 1);
+          transpose_square(prob, np, prob_t);
+          tile_pairs_of_rows(dov, np, e, pairs);
+          s.matmul(prob_t, np, pairs, 2 * e, out, e, np, e, np);
+          emit(h, 2);
         }
-    }
+        for (int64_t i = 0; i < n; ++i)  // bias gradient: the rounded values
+          for (int64_t c = 0; c < d3; c += kLanes) store(colsum + c, load(colsum + c) + load(grad + i * d3 + c));
+        transpose_rows(grad, n, d3, pd_t + bi * n, rows);
+      }
+    });
   });
   return {dqkv, dqkv_t, sums.total()};
 }
@@ -443,8 +657,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cast_colsum", &cast_colsum);
   m.def("bias_gelu_fwd", &bias_gelu_fwd);
   m.def("bias_gelu_bwd", &bias_gelu_bwd);
-  m.def("scaled_softmax_fwd", &scaled_softmax_fwd);
-  m.def("scaled_softmax_bwd", &scaled_softmax_bwd);
-  m.def("split_heads", &split_heads);
-  m.def("merge_heads", &merge_heads);
+  m.def("attention_fwd", &attention_fwd);
+  m.def("attention_bwd", &attention_bwd);
+  m.def("amx_ready", &amx_ready);
 }
