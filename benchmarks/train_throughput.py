@@ -5,9 +5,9 @@ round; 12 layers, 100 classes) and per
 configuration (float32 or bf16 autocast, eager or `torch.compile`), both models run the same training step:
 forward, softmax cross-entropy, backward, fused AdamW; glibc keeps freed memory (`keep_freed_memory`, as the
 project's training does). Rounds alternate between the models so machine noise hits both
-alike; the median images/s counts. The configurations run minutes apart, so each model's best one is then run
-again head to head with the other's (at least 5 alternating rounds): the median per-round ratio is the best-vs-best
-speed-up. The FLOPs of one training step are counted by `torch.utils.flop_counter`
+alike; the median images/s counts. The configurations run minutes apart, so our best one then runs again head to
+head with every HF configuration within 20% of HF's best (at least 5 alternating rounds): the median per-round
+ratio against the strongest of them is the best-vs-best speed-up. The FLOPs of one training step are counted by `torch.utils.flop_counter`
 (matmuls, convolutions and attention, forward and backward) and give the achieved TFLOP/s and the model FLOP
 utilisation (MFU) against a bf16 matmul peak measured in the same run.
 
@@ -197,21 +197,27 @@ def measure_shape(
     ours_best = max(
         (r for r in rows.values() if r["model"] == "vit_pipelines"), key=lambda r: r["images_per_second"]
     )
-    hf_best = max(
-        (r for r in rows.values() if r["model"] == "transformers"), key=lambda r: r["images_per_second"]
-    )
-    # The configurations above ran minutes apart on a shared machine; the two best ones meet again head to head,
-    # alternating round by round, and the median of the per-round ratios is the speed-up.
+    hf_top = max(r["images_per_second"] for r in rows.values() if r["model"] == "transformers")
+    # The configurations above ran minutes apart on a shared machine, which can misorder near-ties (one sweep
+    # ranked HF's eager bf16 first, a 3-way rerun found its compiled one 11% faster). So our best meets every HF
+    # configuration within 20% of HF's best again head to head, alternating round by round; the speed-up is the
+    # median per-round ratio against the strongest of them.
     ours = VisionTransformer.from_seed(config, seed)
-    finals = {
-        m: make_step(net, best["precision"], best["compiled"])
-        for m, net, best in (
-            ("vit_pipelines", ours, ours_best),
-            ("transformers", same_weights_hf(ours), hf_best),
-        )
+    contenders = {
+        k: r
+        for k, r in rows.items()
+        if r["model"] == "transformers" and r["images_per_second"] >= 0.8 * hf_top
+    }
+    finals = {"vit_pipelines": make_step(ours, ours_best["precision"], ours_best["compiled"])}
+    finals |= {
+        k: make_step(same_weights_hf(ours), r["precision"], r["compiled"]) for k, r in contenders.items()
     }
     final_rates, _ = timed_rounds(finals, images, labels, max(rounds, 5), steps)
-    ratios = [a / b for a, b in zip(final_rates["vit_pipelines"], final_rates["transformers"], strict=True)]
+    speedups = {
+        k: statistics.median(a / b for a, b in zip(final_rates["vit_pipelines"], final_rates[k], strict=True))
+        for k in contenders
+    }
+    hf_best = contenders[min(speedups, key=speedups.get)]
     return {
         "config": config.to_dict(),
         "batch_size": batch,
@@ -220,7 +226,8 @@ def measure_shape(
         "ours_best": ours_best,
         "transformers_best": hf_best,
         "head_to_head_images_per_second_rounds": final_rates,
-        "speedup_best_vs_best": statistics.median(ratios),
+        "head_to_head_speedups": speedups,
+        "speedup_best_vs_best": min(speedups.values()),
     }
 
 
@@ -283,10 +290,10 @@ def report(result: dict[str, Any]) -> list[list[Any]]:
         rows,
     )
     for name, shape in result["shapes"].items():
+        against = ", ".join(f"{k} {v:.2f}x" for k, v in shape["head_to_head_speedups"].items())
         print(
             f"{name}: best vs best, head to head {shape['speedup_best_vs_best']:.2f}x "
-            f"({shape['ours_best']['precision']}, compiled={shape['ours_best']['compiled']} vs "
-            f"{shape['transformers_best']['precision']}, compiled={shape['transformers_best']['compiled']})"
+            f"(ours {shape['ours_best']['precision']}, compiled={shape['ours_best']['compiled']} against {against})"
         )
     parity = result["loss_parity"]
     print(
