@@ -12,9 +12,9 @@ autocast's: residual stream, layer-norm statistics, attention scores, softmax an
 in bfloat16, parameter gradients in float32.
 
 The kernels are compiled on first use with torch's C++ extension builder (a C++ compiler that knows AMX, i.e.
-GCC ≥ 11 or Clang ≥ 12, and about a minute, then cached under `~/.cache/torch_extensions`). Where they cannot be built or do not apply (no AVX-512, a GPU,
-float32 training, dropout, attention maps asked for, `torch.compile` tracing) the model runs its plain modules;
-`VIT_FUSED_CPU=0` forces that.
+GCC ≥ 11 or Clang ≥ 12, and about a minute, then cached under `~/.cache/torch_extensions`). Where they cannot be
+built or do not apply (no AVX-512, a GPU, float32 training, dropout, attention maps asked for, `torch.compile`
+tracing) the model runs its plain modules; `VIT_FUSED_CPU=0` forces that.
 """
 
 from __future__ import annotations
