@@ -458,12 +458,6 @@ void tile_pairs_of_columns(const BFloat16* x, int64_t rows, int64_t cols, BFloat
     }
 }
 
-// Square bf16 [n][n] transpose, n a multiple of 16.
-void transpose_square(const BFloat16* x, int64_t n, BFloat16* out) {
-  for (int64_t i = 0; i < n; i += 16)
-    for (int64_t j = 0; j < n; j += 16) transpose16x16(x + i * n + j, n, out + j * n + i, n);
-}
-
 // The shapes of one call: qkv [B, N, 3 * D] with D = H * Dh; per (image, head) scratch is padded to np = N and
 // e = Dh rounded up to 32.
 struct Heads {
@@ -511,15 +505,13 @@ struct Scratch {
   std::vector<float> f32;
   Scratch(int64_t bf16_values, int64_t f32_values) : data(bf16_values), f32(f32_values) {}
 };
-}  // namespace
 
-namespace {
-// Rows i < n of p = softmax(scale · score) (score float32 [n][ld], p bfloat16 [n][ld] and, rows n apart, p_out).
-void softmax_rows(const float* score, int64_t n, int64_t ld, float scale, BFloat16* p, BFloat16* p_out) {
+// Rows i < n of p = softmax(scale · score) (score float32 [n][ld], overwritten with the exponentials; p bfloat16
+// [n][ld] and, rows n apart, p_out).
+void softmax_rows(float* score, int64_t n, int64_t ld, float scale, BFloat16* p, BFloat16* p_out) {
   const Vec vscale(scale);
-  std::vector<float> ex(ld);
   for (int64_t i = 0; i < n; ++i) {
-    const float* sr = score + i * ld;
+    float* sr = score + i * ld;
     Vec vmax(-INFINITY);
     for (int64_t j = 0; j < n; j += kLanes)
       vmax = at::vec::maximum(
@@ -528,14 +520,14 @@ void softmax_rows(const float* score, int64_t n, int64_t ld, float scale, BFloat
     Vec sum(0.f);
     for (int64_t j = 0; j < n; j += kLanes) {
       const Vec x = _mm512_maskz_mov_ps(tail_mask(std::min(kLanes, n - j)), (load(sr + j) * vscale - mx).exp_u20());
-      store(ex.data() + j, x);
+      store(sr + j, x);
       sum += x;
     }
     const Vec inv(1.f / hsum(sum));
     for (int64_t j = 0; j < n; j += kLanes) {
       const int64_t m = std::min(kLanes, n - j);
-      store(p + i * ld + j, load(ex.data() + j) * inv, m);
-      store(p_out + i * n + j, load(ex.data() + j) * inv, m);
+      store(p + i * ld + j, load(sr + j) * inv, m);
+      store(p_out + i * n + j, load(sr + j) * inv, m);
     }
   }
 }
@@ -632,11 +624,11 @@ std::vector<torch::Tensor> attention_bwd(const torch::Tensor& dout, const torch:
           tile_pairs_of_rows(k, np, e, pairs);
           s.matmul(ds, np, pairs, 2 * e, out, e, np, e, np);
           emit(h, 0);
-          transpose_square(ds, np, ds_t);
+          transpose_rows(ds, np, np, ds_t, np);
           tile_pairs_of_rows(q, np, e, pairs);
           s.matmul(ds_t, np, pairs, 2 * e, out, e, np, e, np);
           emit(h, 1);
-          transpose_square(prob, np, prob_t);
+          transpose_rows(prob, np, np, prob_t, np);
           tile_pairs_of_rows(dov, np, e, pairs);
           s.matmul(prob_t, np, pairs, 2 * e, out, e, np, e, np);
           emit(h, 2);
