@@ -7,9 +7,9 @@ forward, softmax cross-entropy, backward, fused AdamW; glibc keeps freed memory 
 project's training does). Rounds alternate between the models so machine noise hits both
 alike; the median images/s counts. The configurations run minutes apart, so our best one then runs again head to
 head with every HF configuration within 20% of HF's best (at least 5 alternating rounds): the median per-round
-ratio against the strongest of them is the best-vs-best speed-up. The FLOPs of one training step are counted by `torch.utils.flop_counter`
-(matmuls, convolutions and attention, forward and backward) and give the achieved TFLOP/s and the model FLOP
-utilisation (MFU) against a bf16 matmul peak measured in the same run.
+ratio against the strongest of them is the best-vs-best speed-up. The FLOPs of one training step are counted by
+`torch.utils.flop_counter` (matmuls, convolutions and attention, forward and backward) and give the achieved
+TFLOP/s and the model FLOP utilisation (MFU) against a bf16 matmul peak measured in the same run.
 
 Identical maths: from the same initial weights (ours copied into HF's layout) and the same batches, both train
 20 steps in bf16 autocast at lr 1e-4 (a smooth descent, 1.46 to 0.20; at 1e-3 the curve on 4 batches is chaotic and
@@ -237,6 +237,7 @@ def run(
     rounds: int = 3,
     parity_steps: int = 20,
 ) -> dict[str, Any]:
+    keep_freed_memory()  # as training does; process-wide, so both models get it (also under benchmarks/run.py)
     peak = matmul_peak(torch.bfloat16)
     fp32_peak = matmul_peak(torch.float32, sizes=(2048,))
     result: dict[str, Any] = {
@@ -313,7 +314,6 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results/train_throughput.json")
     args = parser.parse_args()
-    keep_freed_memory()  # as training does; process-wide, so both models get it
     result = run(tuple(args.shapes), tuple(args.configs), args.rounds)
     report(result)
     write_json(args.out, result)
