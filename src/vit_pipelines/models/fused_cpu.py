@@ -119,7 +119,7 @@ class _FusedBlock(torch.autograd.Function):
         z = torch.mm(h2.view(-1, d), w_fc1.t())
         a = ops.bias_gelu_fwd(z, fc1_b)
         out = ops.add_bias_residual(x1, torch.mm(a, w_fc2.t()).view(b, n, d), fc2_b)
-        ctx.save_for_backward(x, h1, mean1, rstd1, qkv, p, o, x1, h2, mean2, rstd2, z)  # a: recomputed
+        ctx.save_for_backward(x, h1, mean1, rstd1, qkv, p, o, x1, h2, mean2, rstd2, z, a)
         ctx.params = (ln1_w, w_qkv, qkv_b, w_proj, ln2_w, w_fc1, fc1_b, w_fc2)
         ctx.heads = heads
         ctx.scale = scale
@@ -128,17 +128,19 @@ class _FusedBlock(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         ops, scale = _kernels, ctx.scale
-        x, h1, mean1, rstd1, qkv, p, o, x1, h2, mean2, rstd2, z = ctx.saved_tensors
+        x, h1, mean1, rstd1, qkv, p, o, x1, h2, mean2, rstd2, z, a = ctx.saved_tensors
         ln1_w, w_qkv, qkv_b, w_proj, ln2_w, w_fc1, fc1_b, w_fc2 = ctx.params
         (b, n, d), heads = x.shape, ctx.heads
         # MLP branch: out = x1 + fc2(GELU(fc1(h2))).
-        # Weight gradients gᵀ·x read gᵀ as the kernels store it ([out, rows]), 1.5-2.5x faster than g's transposed
-        # view; fc2's, (aᵀ·g)ᵀ, reads the GELU output transposed (aᵀ, recomputed by the GELU backward kernel).
+        # The weight gradients gᵀ·x of qkv and proj read gᵀ as the kernels store it ([out, rows]): oneDNN runs
+        # them 1.5-2.5x faster than with g's transposed view. fc1's and fc2's gradients are 4x the model width:
+        # writing them (and the GELU output) transposed cost the GELU backward more than these products lose by
+        # reading the narrow operand's transposed view instead (xᵀ·g, (h2ᵀ·dz)ᵀ), so they do that (+4% a step).
         dy2, db_fc2 = ops.cast_colsum(g.contiguous())
         dy2 = dy2.view(-1, d)
-        dz, dz_t, a_t, db_fc1 = ops.bias_gelu_bwd(torch.mm(dy2, w_fc2), z, fc1_b)
-        dw_fc2 = torch.mm(a_t, dy2).t()
-        dw_fc1 = torch.mm(dz_t, h2.view(-1, d))
+        dz, db_fc1 = ops.bias_gelu_bwd(torch.mm(dy2, w_fc2), z, fc1_b)
+        dw_fc2 = torch.mm(dy2.t(), a)
+        dw_fc1 = torch.mm(h2.view(-1, d).t(), dz).t()
         g1, dln2_w, dln2_b, dy1, dy1_t, db_proj = ops.layer_norm_bwd(
             torch.mm(dz, w_fc1).view(b, n, d), x1, mean2, rstd2, ln2_w, g, True
         )

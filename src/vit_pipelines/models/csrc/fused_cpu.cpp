@@ -300,34 +300,27 @@ torch::Tensor bias_gelu_fwd(const torch::Tensor& h, const torch::Tensor& b) {
   return a;
 }
 
-// dh = da * GELU'(h + b) in bfloat16, also transposed ([F, rows]), and the column sums of dh (the bias gradient);
-// and GELU(h + b) again, transposed (a_t, [F, rows]), bit-identical to bias_gelu_fwd's output: the weight gradient
-// of the layer it feeds runs faster as a_t·g than as gᵀ·a, and recomputing it costs one multiply, so the forward
-// pass need not keep it.
+// dh = da * GELU'(h + b) in bfloat16 and its column sums (the bias gradient).
 std::vector<torch::Tensor> bias_gelu_bwd(const torch::Tensor& da, const torch::Tensor& h, const torch::Tensor& b) {
   const int64_t f = h.size(-1), rows = h.numel() / f;
   check_rows(h, torch::kBFloat16, f, "h");
   check_rows(da, torch::kBFloat16, f, "da");
-  auto dh = torch::empty_like(h), dh_t = empty_transposed(h), a_t = empty_transposed(h);
+  auto dh = torch::empty_like(h);
   ColumnSums sums(f);
   const BFloat16 *ph = h.data_ptr<BFloat16>(), *pda = da.data_ptr<BFloat16>();
   const float* pb = b.data_ptr<float>();
-  BFloat16 *pdh = dh.data_ptr<BFloat16>(), *pa_t = a_t.data_ptr<BFloat16>();
-  std::vector<BFloat16> scratch(at::get_num_threads() * kTile * f);  // a, row-major, one tile per thread
-  for_row_tiles(rows, f, pdh, dh_t.data_ptr<BFloat16>(), [&](int64_t begin, int64_t end, int64_t tid) {
-    float* s = sums.row(tid);
-    BFloat16* a = scratch.data() + tid * kTile * f;
+  BFloat16* pdh = dh.data_ptr<BFloat16>();
+  at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
+    float* s = sums.row(at::get_thread_num());
     for (int64_t r = begin; r < end; ++r)
       for (int64_t j = 0; j < f; j += kLanes) {
-        const Vec z = load(ph + r * f + j) + load(pb + j), cdf = normal_cdf(z);
-        const Vec g = load(pda + r * f + j) * at::vec::fmadd(z, normal_pdf(z), cdf);
+        const Vec z = load(ph + r * f + j) + load(pb + j);
+        const Vec g = load(pda + r * f + j) * at::vec::fmadd(z, normal_pdf(z), normal_cdf(z));
         store(pdh + r * f + j, g);
         store(s + j, load(s + j) + g);
-        store(a + (r - begin) * f + j, z * cdf);
       }
-    transpose_rows(a, end - begin, f, pa_t + begin, rows);
   });
-  return {dh, dh_t, a_t, sums.total()};
+  return {dh, sums.total()};
 }
 
 namespace {
