@@ -77,7 +77,7 @@ def run(steps: int | None = None) -> dict[str, Any]:
     return {
         "benchmark": "pretrain_memory",
         "machine": machine(),
-        "command": " ".join(command),
+        "measured_command": " ".join(command),  # run.py records its own invocation under "command"
         "steps": steps or "as configured",
         "peak_rss_bytes": peak,
         "largest_process_peak_rss_bytes": largest,
@@ -91,7 +91,7 @@ def report(result: dict[str, Any]) -> list[list[Any]]:
         ["peak RSS, largest process (MiB)", result["largest_process_peak_rss_bytes"] / 2**20],
         ["wall time (s)", result["wall_seconds"]],
     ]
-    print_table(f"memory of `{result['command']}`", ["", ""], rows)
+    print_table(f"memory of `{result['measured_command']}`", ["", ""], rows)
     return rows
 
 
