@@ -48,6 +48,7 @@ SHAPES = {
 }
 CONFIGS = ("fp32-eager", "bf16-eager", "fp32-compiled", "bf16-compiled")
 NUM_CLASSES = 100
+PARITY_LR = 1e-4  # the loss-parity run's learning rate (see the module docstring)
 
 
 def same_weights_hf(model: VisionTransformer) -> torch.nn.Module:
@@ -248,7 +249,7 @@ def run(
     }
     first = SHAPES[shapes[0]]
     parity_config = ViTConfig.from_variant(first["variant"], image_size=first["image_size"], num_classes=4)
-    curves = loss_curves(parity_config, first["batch_size"], parity_steps, lr=1e-4)
+    curves = loss_curves(parity_config, first["batch_size"], parity_steps, lr=PARITY_LR)
 
     def gap(a: str, b: str) -> float:
         return max(abs(x - y) / abs(y) for x, y in zip(curves[a], curves[b], strict=True))
@@ -259,7 +260,7 @@ def run(
     result["loss_parity"] = {
         "shape": shapes[0],
         "steps": parity_steps,
-        "lr": 1e-4,
+        "lr": PARITY_LR,
         "max_relative_difference": gap("vit_pipelines", "transformers"),
         "bf16_drift_from_float32": {
             "vit_pipelines": gap("vit_pipelines", "float32"),

@@ -489,6 +489,12 @@ struct Heads {
   void head(const BFloat16* x, int64_t ld, int64_t col, BFloat16* out) const {
     for (int64_t i = 0; i < tokens; ++i) std::memcpy(out + i * e, x + i * ld + col, dh * sizeof(BFloat16));
   }
+  // The inverse of head for a float32 result: the N rows and Dh columns of in [np][e], rounded to bfloat16, into
+  // columns [col, col + Dh) of x.
+  void put_head(const float* in, BFloat16* x, int64_t ld, int64_t col) const {
+    for (int64_t i = 0; i < tokens; ++i)
+      for (int64_t d = 0; d < dh; d += kLanes) store(x + i * ld + col + d, load(in + i * e + d));
+  }
 };
 
 // Per-thread scratch: zero-initialised, and the kernels write only the valid rows and columns of the padded
@@ -565,9 +571,7 @@ std::vector<torch::Tensor> attention_fwd(const torch::Tensor& qkv, const torch::
           softmax_rows(score, n, np, static_cast<float>(scale), prob, pp + (bi * heads + h) * n * n);
           tile_pairs_of_rows(v, np, e, vr);
           s.matmul(prob, np, vr, 2 * e, out, e, np, e, np);
-          for (int64_t i = 0; i < n; ++i)
-            for (int64_t d = 0; d < s.dh; d += kLanes)
-              store(po + (bi * n + i) * s.width + h * s.dh + d, load(out + i * e + d));
+          s.put_head(out, po + bi * n * s.width, s.width, h * s.dh);
         }
       }
     });
@@ -599,12 +603,6 @@ std::vector<torch::Tensor> attention_bwd(const torch::Tensor& dout, const torch:
       float *dp = w.f32.data(), *out = dp + np * np, *colsum = sums.row(at::get_thread_num());
       for (int64_t bi = first; bi < last; ++bi) {
         BFloat16* grad = pd + bi * n * d3;  // this image's rows of dqkv
-        // Writes the float32 result out [np][e] as part (0: q, 1: k, 2: v) of head h's columns of grad.
-        auto emit = [&](int64_t h, int64_t part) {
-          const int64_t col = part * s.width + h * s.dh;
-          for (int64_t i = 0; i < n; ++i)
-            for (int64_t d = 0; d < s.dh; d += kLanes) store(grad + i * d3 + col + d, load(out + i * e + d));
-        };
         s.stage(pqkv, pb, bi, img);
         for (int64_t h = 0; h < heads; ++h) {
           s.head(img, d3, h * s.dh, q), s.head(img, d3, s.width + h * s.dh, k);
@@ -616,15 +614,15 @@ std::vector<torch::Tensor> attention_bwd(const torch::Tensor& dout, const torch:
           softmax_grad_rows(prob, dp, n, np, static_cast<float>(scale), ds);
           tile_pairs_of_rows(k, np, e, pairs);
           s.matmul(ds, np, pairs, 2 * e, out, e, np, e, np);
-          emit(h, 0);
+          s.put_head(out, grad, d3, h * s.dh);  // dq
           transpose_rows(ds, np, np, ds_t, np);
           tile_pairs_of_rows(q, np, e, pairs);
           s.matmul(ds_t, np, pairs, 2 * e, out, e, np, e, np);
-          emit(h, 1);
+          s.put_head(out, grad, d3, s.width + h * s.dh);  // dk
           transpose_rows(prob, np, np, prob_t, np);
           tile_pairs_of_rows(dov, np, e, pairs);
           s.matmul(prob_t, np, pairs, 2 * e, out, e, np, e, np);
-          emit(h, 2);
+          s.put_head(out, grad, d3, 2 * s.width + h * s.dh);  // dv
         }
         for (int64_t i = 0; i < n; ++i)  // bias gradient: the rounded values
           for (int64_t c = 0; c < d3; c += kLanes) store(colsum + c, load(colsum + c) + load(grad + i * d3 + c));
