@@ -37,14 +37,20 @@ def test_gelu_kernels_round_the_exact_gelu_and_its_derivative(ops):
     bias = torch.linspace(-0.5, 0.5, 16)
     exact = (z.double() + bias.double()).requires_grad_(True)
     F.gelu(exact).backward(torch.ones_like(exact))
-    upstream = torch.full_like(z, 0.5)
-    dh, bias_grad = ops.bias_gelu_bwd(upstream, z, bias)
+    gelu, derivative = ops.bias_gelu_fwd(z, bias)
     keep = F.gelu(exact).abs() > 1e-3  # far-left tail: float32's erf saturates, as in torch's own kernel
     # half a bf16 step from the final rounding, plus the float32 arithmetic before it
-    assert bf16_ulps(ops.bias_gelu_fwd(z, bias), F.gelu(exact).detach())[keep].max() <= 0.6
-    assert bf16_ulps(dh, 0.5 * exact.grad)[exact.grad.abs() > 1e-3].max() <= 0.6
-    # the bias gradient sums the float32 values, before their rounding to bf16
-    torch.testing.assert_close(bias_grad.double(), 0.5 * exact.grad.sum(0), rtol=1e-5, atol=1e-4)
+    assert bf16_ulps(gelu, F.gelu(exact).detach())[keep].max() <= 0.6
+    assert bf16_ulps(derivative, exact.grad)[exact.grad.abs() > 1e-3].max() <= 0.6
+    # the backward multiplies the upstream gradient by the saved derivative, rounding once
+    upstream = torch.randn(z.shape, generator=torch.Generator().manual_seed(0)).bfloat16()
+    dh, bias_grad = ops.mul_colsum(upstream, derivative)
+    product = upstream.double() * derivative.double()
+    assert bf16_ulps(dh, product)[product.abs() > 1e-30].max() <= 0.5
+    # the bias gradient sums the float32 products, before their rounding to bf16
+    torch.testing.assert_close(bias_grad.double(), product.sum(0), rtol=1e-5, atol=1e-4)
+    with pytest.raises(RuntimeError, match="same shape"):
+        ops.mul_colsum(upstream[:-1], derivative)
 
 
 def test_layer_norm_kernels_and_the_residual_they_carry(ops):

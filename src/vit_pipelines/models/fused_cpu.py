@@ -9,7 +9,8 @@ bias where the next pass reads the data anyway. Attention is one kernel each way
 matmuls run on AMX tiles (Sapphire Rapids and later; AVX-512 FMAs elsewhere) from per-thread scratch, with the
 softmax between them, so only q, k, v, the probabilities and the output touch memory. Precision matches
 autocast's: residual stream, layer-norm statistics, attention scores, softmax and GELU in float32, matmul operands
-in bfloat16, parameter gradients in float32.
+in bfloat16, parameter gradients in float32. The GELU's derivative is computed in the forward pass, next to the
+GELU, and kept in bfloat16 like the activations; the backward pass then only multiplies by it.
 
 The kernels are compiled on first use with torch's C++ extension builder (a C++ compiler that knows AMX, i.e.
 GCC ≥ 11 or Clang ≥ 12, and about a minute, then cached under `~/.cache/torch_extensions`). Where they cannot be
@@ -117,10 +118,10 @@ class _FusedBlock(torch.autograd.Function):
         x1 = ops.add_bias_residual(x, torch.mm(o.view(-1, d), w_proj.t()).view(b, n, d), proj_b)
         h2, mean2, rstd2 = ops.layer_norm_fwd(x1, ln2_w, ln2_b, eps)
         z = torch.mm(h2.view(-1, d), w_fc1.t())
-        a = ops.bias_gelu_fwd(z, fc1_b)
+        a, gelu_grad = ops.bias_gelu_fwd(z, fc1_b)
         out = ops.add_bias_residual(x1, torch.mm(a, w_fc2.t()).view(b, n, d), fc2_b)
-        ctx.save_for_backward(x, h1, mean1, rstd1, qkv, p, o, x1, h2, mean2, rstd2, z, a)
-        ctx.params = (ln1_w, w_qkv, qkv_b, w_proj, ln2_w, w_fc1, fc1_b, w_fc2)
+        ctx.save_for_backward(x, h1, mean1, rstd1, qkv, p, o, x1, h2, mean2, rstd2, a, gelu_grad)
+        ctx.params = (ln1_w, w_qkv, qkv_b, w_proj, ln2_w, w_fc1, w_fc2)
         ctx.heads = heads
         ctx.scale = scale
         return out
@@ -128,17 +129,17 @@ class _FusedBlock(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         ops, scale = _kernels, ctx.scale
-        x, h1, mean1, rstd1, qkv, p, o, x1, h2, mean2, rstd2, z, a = ctx.saved_tensors
-        ln1_w, w_qkv, qkv_b, w_proj, ln2_w, w_fc1, fc1_b, w_fc2 = ctx.params
+        x, h1, mean1, rstd1, qkv, p, o, x1, h2, mean2, rstd2, a, gelu_grad = ctx.saved_tensors
+        ln1_w, w_qkv, qkv_b, w_proj, ln2_w, w_fc1, w_fc2 = ctx.params
         (b, n, d), heads = x.shape, ctx.heads
         # MLP branch: out = x1 + fc2(GELU(fc1(h2))).
         # The weight gradients gᵀ·x of qkv and proj read gᵀ as the kernels store it ([out, rows]): oneDNN runs
         # them 1.5-2.5x faster than with g's transposed view. fc1's and fc2's gradients are 4x the model width:
-        # writing them (and the GELU output) transposed cost the GELU backward more than these products lose by
-        # reading the narrow operand's transposed view instead (xᵀ·g, (h2ᵀ·dz)ᵀ), so they do that (+4.9% a step).
+        # writing them (and the GELU output) transposed costs the passes that write them more than these products
+        # lose by reading the narrow operand's transposed view instead (xᵀ·g, (h2ᵀ·dz)ᵀ), so they do that.
         dy2, db_fc2 = ops.cast_colsum(g.contiguous())
         dy2 = dy2.view(-1, d)
-        dz, db_fc1 = ops.bias_gelu_bwd(torch.mm(dy2, w_fc2), z, fc1_b)
+        dz, db_fc1 = ops.mul_colsum(torch.mm(dy2, w_fc2), gelu_grad)
         dw_fc2 = torch.mm(dy2.t(), a)
         dw_fc1 = torch.mm(h2.view(-1, d).t(), dz).t()
         g1, dln2_w, dln2_b, dy1, dy1_t, db_proj = ops.layer_norm_bwd(
