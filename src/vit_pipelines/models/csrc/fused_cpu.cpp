@@ -14,6 +14,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -604,6 +605,7 @@ std::vector<torch::Tensor> attention_bwd(const torch::Tensor& dout, const torch:
       BFloat16 *pairs = dov + np * e, *prob = pairs + np * e, *prob_t = prob + np * np, *ds = prob_t + np * np;
       BFloat16* ds_t = ds + np * np;
       float *dp = w.f32.data(), *out = dp + np * np, *colsum = sums.row(at::get_thread_num());
+      int64_t done = first * n;  // rows of dqkv transposed so far
       for (int64_t bi = first; bi < last; ++bi) {
         BFloat16* grad = pd + bi * n * d3;  // this image's rows of dqkv
         s.stage(pqkv, pb, bi, img);
@@ -629,7 +631,10 @@ std::vector<torch::Tensor> attention_bwd(const torch::Tensor& dout, const torch:
         }
         for (int64_t i = 0; i < n; ++i)  // bias gradient: the rounded values
           for (int64_t c = 0; c < d3; c += kLanes) store(colsum + c, load(colsum + c) + load(grad + i * d3 + c));
-        transpose_rows(grad, n, d3, pd_t + bi * n, rows);
+        // dqkvᵀ from rows still in cache, 64 rows at a time: each [3D]-row of it then receives whole cache lines
+        const int64_t upto = bi + 1 == last ? (bi + 1) * n : (bi + 1) * n / 64 * 64;
+        if (upto > done) transpose_rows(pd + done * d3, upto - done, d3, pd_t + done, rows);
+        done = std::max(done, upto);
       }
     });
   });
