@@ -99,14 +99,15 @@ inline void transpose16x16(const BFloat16* src, int64_t ld_src, BFloat16* dst, i
   }
 }
 
-// dst[c * ld_dst + r] = src[r * cols + c] for n rows of cols (a multiple of 16) values, one column block at a time
-// so that each output row receives n contiguous values.
-inline void transpose_rows(const BFloat16* src, int64_t n, int64_t cols, BFloat16* dst, int64_t ld_dst) {
+// dst[c * ld_dst + r] = src[r * ld_src + c] for n rows of cols (a multiple of 16) values, one column block at a
+// time so that each output row receives n contiguous values.
+inline void transpose_rows(const BFloat16* src, int64_t ld_src, int64_t n, int64_t cols, BFloat16* dst,
+                           int64_t ld_dst) {
   const int64_t whole = n / 16 * 16;
   for (int64_t c = 0; c < cols; c += 16)
-    for (int64_t r = 0; r < whole; r += 16) transpose16x16(src + r * cols + c, cols, dst + c * ld_dst + r, ld_dst);
+    for (int64_t r = 0; r < whole; r += 16) transpose16x16(src + r * ld_src + c, ld_src, dst + c * ld_dst + r, ld_dst);
   for (int64_t r = whole; r < n; ++r)
-    for (int64_t c = 0; c < cols; ++c) dst[c * ld_dst + r] = src[r * cols + c];
+    for (int64_t c = 0; c < cols; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
 }
 
 // Runs body(r0, r1, tid) over tiles of kTile rows in parallel; where dst_t is given, then copies the tile's rows of
@@ -120,7 +121,7 @@ void for_row_tiles(int64_t rows, int64_t cols, const BFloat16* src, BFloat16* ds
     for (int64_t tile = first; tile < last; ++tile) {
       const int64_t r0 = tile * kTile, r1 = std::min(rows, r0 + kTile);
       body(r0, r1, tid);
-      if (dst_t != nullptr) transpose_rows(src + r0 * cols, r1 - r0, cols, dst_t + r0, rows);
+      if (dst_t != nullptr) transpose_rows(src + r0 * cols, cols, r1 - r0, cols, dst_t + r0, rows);
     }
   });
 }
@@ -354,31 +355,39 @@ bool amx_ready() {
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
 // c[m x n] (float32, row stride ldc) = a[m x k] (bf16, row stride lda) · b, with b given as pair rows
-// (tile_pairs_of_rows / tile_pairs_of_columns, row stride ldb ≥ 2n bf16). m, n multiples of 32; k of 32. Each step
-// computes a 32 x 32 block of c in four accumulator tiles from two tiles of a and two of b.
+// (tile_pairs_of_rows / tile_pairs_of_columns, row stride ldb ≥ 2n bf16). m, n multiples of 16; k of 32. Each step
+// computes a 32 x 32 block of c in four accumulator tiles from two tiles of a and two of b (at the last row or
+// column of blocks, 16 wide where m or n is an odd multiple of 16: the tile ops are not asked for the missing half).
 void tile_matmul(const BFloat16* a, int64_t lda, const BFloat16* b, int64_t ldb, float* c, int64_t ldc, int64_t m,
                  int64_t n, int64_t k) {
-  for (int64_t i = 0; i < m; i += 32)
+  for (int64_t i = 0; i < m; i += 32) {
+    const bool low = i + 16 < m;  // rows i + 16 ... i + 31 exist
     for (int64_t j = 0; j < n; j += 32) {
+      const bool right = j + 16 < n;  // columns j + 16 ... j + 31 exist
       _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
+      if (right) _tile_zero(1);
+      if (low) _tile_zero(2);
+      if (low && right) _tile_zero(3);
       for (int64_t kk = 0; kk < k; kk += 32) {
         _tile_loadd(4, a + i * lda + kk, lda * 2);
-        _tile_loadd(5, a + (i + 16) * lda + kk, lda * 2);
         _tile_loadd(6, b + kk / 2 * ldb + 2 * j, ldb * 2);
-        _tile_loadd(7, b + kk / 2 * ldb + 2 * (j + 16), ldb * 2);
         _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
+        if (right) {
+          _tile_loadd(7, b + kk / 2 * ldb + 2 * (j + 16), ldb * 2);
+          _tile_dpbf16ps(1, 4, 7);
+        }
+        if (low) {
+          _tile_loadd(5, a + (i + 16) * lda + kk, lda * 2);
+          _tile_dpbf16ps(2, 5, 6);
+          if (right) _tile_dpbf16ps(3, 5, 7);
+        }
       }
       _tile_stored(0, c + i * ldc + j, ldc * 4);
-      _tile_stored(1, c + i * ldc + j + 16, ldc * 4);
-      _tile_stored(2, c + (i + 16) * ldc + j, ldc * 4);
-      _tile_stored(3, c + (i + 16) * ldc + j + 16, ldc * 4);
+      if (right) _tile_stored(1, c + i * ldc + j + 16, ldc * 4);
+      if (low) _tile_stored(2, c + (i + 16) * ldc + j, ldc * 4);
+      if (low && right) _tile_stored(3, c + (i + 16) * ldc + j + 16, ldc * 4);
     }
+  }
 }
 
 // tile_matmul without AMX (AVX-512 only): the same operands, four rows of c and 16 columns at a time, each bf16
@@ -456,9 +465,10 @@ void tile_pairs_of_columns(const BFloat16* x, int64_t rows, int64_t cols, BFloat
 }
 
 // The shapes of one call: qkv [B, N, 3 * D] with D = H * Dh; per (image, head) scratch is padded to np = N and
-// e = Dh rounded up to 32.
+// e = Dh rounded up to 32 (the tiles' depth, for products that sum over tokens or head columns). Products over
+// token rows and columns only compute the first mp = N rounded up to 16 (a tile's height and width).
 struct Heads {
-  int64_t batch, tokens, width, heads, dh, np, e;
+  int64_t batch, tokens, width, heads, dh, np, mp, e;
   bool amx;
   Heads(const torch::Tensor& qkv, int64_t h, bool use_amx) : heads(h), amx(use_amx) {
     TORCH_CHECK(qkv.dim() == 3 && qkv.size(2) % (3 * h) == 0, "qkv: expected [B, N, 3 * heads * head width]");
@@ -466,7 +476,7 @@ struct Heads {
     check_rows(qkv, torch::kBFloat16, 3 * width, "qkv");
     TORCH_CHECK(dh % kLanes == 0, "head width must be a multiple of ", kLanes, ", got ", dh);
     TORCH_CHECK(!amx || amx_ready(), "AMX asked for but unavailable (it needs Sapphire Rapids or later, Linux ≥ 5.16)");
-    np = round_up(tokens, 32), e = round_up(dh, 32);
+    np = round_up(tokens, 32), mp = round_up(tokens, 16), e = round_up(dh, 32);
   }
   // c = a · b (see tile_matmul) on the AMX tiles, or with AVX-512 FMAs.
   void matmul(const BFloat16* a, int64_t lda, const BFloat16* b, int64_t ldb, float* c, int64_t ldc, int64_t m,
@@ -553,7 +563,7 @@ void softmax_grad_rows(const BFloat16* p, const float* dp, int64_t n, int64_t ld
 std::vector<torch::Tensor> attention_fwd(const torch::Tensor& qkv, const torch::Tensor& b, int64_t heads,
                                          double scale, bool amx) {
   const Heads s(qkv, heads, amx);
-  const int64_t n = s.tokens, np = s.np, e = s.e, d3 = 3 * s.width;
+  const int64_t n = s.tokens, np = s.np, mp = s.mp, e = s.e, d3 = 3 * s.width;
   auto o = torch::empty({s.batch, n, s.width}, qkv.options());
   auto p = torch::empty({s.batch, heads, n, n}, qkv.options());
   const BFloat16* pqkv = qkv.data_ptr<BFloat16>();
@@ -570,11 +580,11 @@ std::vector<torch::Tensor> attention_fwd(const torch::Tensor& qkv, const torch::
         for (int64_t h = 0; h < heads; ++h) {
           s.head(img, d3, h * s.dh, q), s.head(img, d3, s.width + h * s.dh, k);
           s.head(img, d3, 2 * s.width + h * s.dh, v);
-          tile_pairs_of_columns(k, np, e, kc);
-          s.matmul(q, e, kc, 2 * np, score, np, np, np, e);
+          tile_pairs_of_columns(k, mp, e, kc);
+          s.matmul(q, e, kc, 2 * mp, score, np, mp, mp, e);
           softmax_rows(score, n, np, static_cast<float>(scale), prob, pp + (bi * heads + h) * n * n);
           tile_pairs_of_rows(v, np, e, vr);
-          s.matmul(prob, np, vr, 2 * e, out, e, np, e, np);
+          s.matmul(prob, np, vr, 2 * e, out, e, mp, e, np);
           s.put_head(out, po + bi * n * s.width, s.width, h * s.dh);
         }
       }
@@ -589,7 +599,7 @@ std::vector<torch::Tensor> attention_fwd(const torch::Tensor& qkv, const torch::
 std::vector<torch::Tensor> attention_bwd(const torch::Tensor& dout, const torch::Tensor& qkv, const torch::Tensor& b,
                                          const torch::Tensor& p, int64_t heads, double scale, bool amx) {
   const Heads s(qkv, heads, amx);
-  const int64_t n = s.tokens, np = s.np, e = s.e, d3 = 3 * s.width, rows = s.batch * n;
+  const int64_t n = s.tokens, np = s.np, mp = s.mp, e = s.e, d3 = 3 * s.width, rows = s.batch * n;
   check_rows(dout, torch::kBFloat16, s.width, "do");
   TORCH_CHECK(p.scalar_type() == torch::kBFloat16 && p.is_contiguous() && p.numel() == s.batch * heads * n * n,
               "p: expected contiguous bfloat16 [B, H, N, N]");
@@ -614,26 +624,26 @@ std::vector<torch::Tensor> attention_bwd(const torch::Tensor& dout, const torch:
           s.head(img, d3, 2 * s.width + h * s.dh, v), s.head(pdo + bi * n * s.width, s.width, h * s.dh, dov);
           const BFloat16* p_in = pp + (bi * heads + h) * n * n;
           for (int64_t i = 0; i < n; ++i) std::memcpy(prob + i * np, p_in + i * n, n * sizeof(BFloat16));
-          tile_pairs_of_columns(v, np, e, pairs);
-          s.matmul(dov, e, pairs, 2 * np, dp, np, np, np, e);
+          tile_pairs_of_columns(v, mp, e, pairs);
+          s.matmul(dov, e, pairs, 2 * mp, dp, np, mp, mp, e);
           softmax_grad_rows(prob, dp, n, np, static_cast<float>(scale), ds);
           tile_pairs_of_rows(k, np, e, pairs);
-          s.matmul(ds, np, pairs, 2 * e, out, e, np, e, np);
+          s.matmul(ds, np, pairs, 2 * e, out, e, mp, e, np);
           s.put_head(out, grad, d3, h * s.dh);  // dq
-          transpose_rows(ds, np, np, ds_t, np);
+          transpose_rows(ds, np, mp, mp, ds_t, np);
           tile_pairs_of_rows(q, np, e, pairs);
-          s.matmul(ds_t, np, pairs, 2 * e, out, e, np, e, np);
+          s.matmul(ds_t, np, pairs, 2 * e, out, e, mp, e, np);
           s.put_head(out, grad, d3, s.width + h * s.dh);  // dk
-          transpose_rows(prob, np, np, prob_t, np);
+          transpose_rows(prob, np, mp, mp, prob_t, np);
           tile_pairs_of_rows(dov, np, e, pairs);
-          s.matmul(prob_t, np, pairs, 2 * e, out, e, np, e, np);
+          s.matmul(prob_t, np, pairs, 2 * e, out, e, mp, e, np);
           s.put_head(out, grad, d3, 2 * s.width + h * s.dh);  // dv
         }
         for (int64_t i = 0; i < n; ++i)  // bias gradient: the rounded values
           for (int64_t c = 0; c < d3; c += kLanes) store(colsum + c, load(colsum + c) + load(grad + i * d3 + c));
         // dqkvᵀ from rows still in cache, 64 rows at a time: each [3D]-row of it then receives whole cache lines
         const int64_t upto = bi + 1 == last ? (bi + 1) * n : (bi + 1) * n / 64 * 64;
-        if (upto > done) transpose_rows(pd + done * d3, upto - done, d3, pd_t + done, rows);
+        if (upto > done) transpose_rows(pd + done * d3, d3, upto - done, d3, pd_t + done, rows);
         done = std::max(done, upto);
       }
     });
