@@ -1,9 +1,11 @@
-"""The benchmarks' own arithmetic: the FLOPs behind the reported TFLOP/s and MFU, and the printed tables."""
+"""The benchmarks' own arithmetic: the FLOPs behind the reported TFLOP/s and MFU, the timed rounds, and the printed
+tables."""
 
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -37,3 +39,29 @@ def test_tables_align_numbers_right(capsys):
         "ours    1,234",
         "theirs   7.25",
     ]
+
+
+def test_timed_rounds_alternate_the_steps_and_probe_once_per_round():
+    calls = []
+
+    def step(name):
+        def run(images, labels):
+            calls.append(name)
+            return torch.zeros(())
+
+        return run
+
+    images, labels = torch.zeros(4, 3, 8, 8), torch.zeros(4, dtype=torch.long)
+    rates, first, probed = train_throughput.timed_rounds(
+        {"a": step("a"), "b": step("b")},
+        images,
+        labels,
+        rounds=3,
+        steps=2,
+        probe=lambda: calls.append("p") or 7.0,
+    )
+    assert (
+        calls == ["a", "a", "b", "b"] + ["a", "a", "b", "b", "p"] * 3
+    )  # two warm-up steps each, then rounds
+    assert probed == [7.0] * 3 and set(first) == {"a", "b"}
+    assert len(rates["a"]) == len(rates["b"]) == 3 and all(r > 0 for r in rates["a"] + rates["b"])
