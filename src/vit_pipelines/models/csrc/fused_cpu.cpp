@@ -281,7 +281,6 @@ inline Vec normal_cdf(Vec z) { return Vec(0.5f) + Vec(0.5f) * erf_rational(z * V
 inline Vec normal_pdf(Vec z) {
   return (Vec(-0.5f) * z * z).exp_u20() * Vec(static_cast<float>(0.5 * M_2_SQRTPI * M_SQRT1_2));
 }
-inline Vec gelu(Vec z) { return z * normal_cdf(z); }
 }  // namespace
 
 // GELU(h + b) with the exact (erf) GELU and its derivative GELU'(h + b), both bfloat16; h bfloat16 [..., F] from a
