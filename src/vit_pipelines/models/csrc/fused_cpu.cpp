@@ -71,6 +71,23 @@ struct ColumnSums {
 
 constexpr int64_t kGrain = 32;  // rows per parallel task
 
+// out[r][j] = value(r * cols + j) (16 float32 values from a flat index) rounded to bfloat16, over rows in parallel;
+// returns the column sums of the float32 values. A dense layer's output gradient with its bias gradient.
+template <typename Value>
+torch::Tensor round_with_column_sums(int64_t rows, int64_t cols, BFloat16* out, const Value& value) {
+  ColumnSums sums(cols);
+  at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
+    float* s = sums.row(at::get_thread_num());
+    for (int64_t r = begin; r < end; ++r)
+      for (int64_t j = 0; j < cols; j += kLanes) {
+        const Vec v = value(r * cols + j);
+        store(out + r * cols + j, v);
+        store(s + j, load(s + j) + v);
+      }
+  });
+  return sums.total();
+}
+
 // dst[c][r] = src[r][c] for a 16 x 16 block of bfloat16 (rows ld_src elements apart in src, ld_dst in dst): rows i
 // and i + 8 share a register, 8 x 8 transposes run in each 128-bit lane (unpacks of 16, 32 then 64 bits), and a
 // lane shuffle regroups each register into two output rows.
@@ -244,19 +261,9 @@ std::vector<torch::Tensor> cast_colsum(const torch::Tensor& g) {
   const int64_t d = g.size(-1), rows = g.numel() / d;
   check_rows(g, torch::kFloat, d, "g");
   auto out = torch::empty(g.sizes(), g.options().dtype(torch::kBFloat16));
-  ColumnSums sums(d);
   const float* pg = g.data_ptr<float>();
-  BFloat16* po = out.data_ptr<BFloat16>();
-  at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
-    float* s = sums.row(at::get_thread_num());
-    for (int64_t r = begin; r < end; ++r)
-      for (int64_t j = 0; j < d; j += kLanes) {
-        const Vec v = load(pg + r * d + j);
-        store(po + r * d + j, v);
-        store(s + j, load(s + j) + v);
-      }
-  });
-  return {out, sums.total()};
+  auto sums = round_with_column_sums(rows, d, out.data_ptr<BFloat16>(), [&](int64_t i) { return load(pg + i); });
+  return {out, sums};
 }
 
 namespace {
@@ -312,19 +319,10 @@ std::vector<torch::Tensor> mul_colsum(const torch::Tensor& da, const torch::Tens
   check_rows(da, torch::kBFloat16, f, "da");
   TORCH_CHECK(da.numel() == d.numel(), "da and d must have the same shape, got ", da.sizes(), " and ", d.sizes());
   auto dh = torch::empty_like(d);
-  ColumnSums sums(f);
   const BFloat16 *pd = d.data_ptr<BFloat16>(), *pda = da.data_ptr<BFloat16>();
-  BFloat16* pdh = dh.data_ptr<BFloat16>();
-  at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
-    float* s = sums.row(at::get_thread_num());
-    for (int64_t r = begin; r < end; ++r)
-      for (int64_t j = 0; j < f; j += kLanes) {
-        const Vec g = load(pda + r * f + j) * load(pd + r * f + j);
-        store(pdh + r * f + j, g);
-        store(s + j, load(s + j) + g);
-      }
-  });
-  return {dh, sums.total()};
+  auto sums = round_with_column_sums(rows, f, dh.data_ptr<BFloat16>(),
+                                     [&](int64_t i) { return load(pda + i) * load(pd + i); });
+  return {dh, sums};
 }
 
 namespace {
@@ -642,8 +640,10 @@ std::vector<torch::Tensor> attention_bwd(const torch::Tensor& dout, const torch:
           for (int64_t c = 0; c < d3; c += kLanes) store(colsum + c, load(colsum + c) + load(grad + i * d3 + c));
         // dqkvᵀ from rows still in cache, 64 rows at a time: each [3D]-row of it then receives whole cache lines
         const int64_t upto = bi + 1 == last ? (bi + 1) * n : (bi + 1) * n / 64 * 64;
-        if (upto > done) transpose_rows(pd + done * d3, d3, upto - done, d3, pd_t + done, rows);
-        done = std::max(done, upto);
+        if (upto > done) {
+          transpose_rows(pd + done * d3, d3, upto - done, d3, pd_t + done, rows);
+          done = upto;
+        }
       }
     });
   });
