@@ -188,6 +188,7 @@ def measure_shape(
     config = ViTConfig.from_variant(shape["variant"], image_size=shape["image_size"], num_classes=NUM_CLASSES)
     batch = shape["batch_size"]
     flops = training_flops(VisionTransformer.from_seed(config, seed), batch)
+    tflop_per_image = flops / batch / 1e12
     images = torch.randn(batch, 3, *config.image_size)
     labels = torch.randint(0, NUM_CLASSES, (batch,))
     rows = {}
@@ -199,7 +200,7 @@ def measure_shape(
         rates, compile_seconds, _ = timed_rounds(steps_fn, images, labels, rounds, steps)
         for m, values in rates.items():
             ips = statistics.median(values)
-            tflops = ips * flops / batch / 1e12
+            tflops = ips * tflop_per_image
             rows[f"{m} {setting}"] = {
                 "model": m, "precision": precision, "compiled": mode == "compiled",
                 "images_per_second": ips, "images_per_second_rounds": values,
@@ -236,7 +237,6 @@ def measure_shape(
         for m in ("vit_pipelines", "transformers")
     }
     ours, theirs = final_rates[best["vit_pipelines"]], final_rates[best["transformers"]]
-    per_image = flops / batch / 1e12
     return {
         "config": config.to_dict(),
         "batch_size": batch,
@@ -248,9 +248,9 @@ def measure_shape(
         "speedup_best_vs_best": statistics.median(a / b for a, b in zip(ours, theirs, strict=True)),
         "head_to_head_bf16_matmul_peak_tflops_rounds": peaks,
         "ours_best_mfu_per_round_peak": statistics.median(
-            rate * per_image / peak for rate, peak in zip(ours, peaks, strict=True)
+            rate * tflop_per_image / peak for rate, peak in zip(ours, peaks, strict=True)
         ),
-        "ours_best_mfu_max_peak": statistics.median(ours) * per_image / max(peaks),
+        "ours_best_mfu_max_peak": statistics.median(ours) * tflop_per_image / max(peaks),
     }
 
 

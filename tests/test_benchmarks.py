@@ -60,8 +60,7 @@ def test_timed_rounds_alternate_the_steps_and_probe_once_per_round():
         steps=2,
         probe=lambda: calls.append("p") or 7.0,
     )
-    assert (
-        calls == ["a", "a", "b", "b"] + ["a", "a", "b", "b", "p"] * 3
-    )  # two warm-up steps each, then rounds
+    # two warm-up steps each, then the rounds, each followed by the probe
+    assert calls == ["a", "a", "b", "b"] + ["a", "a", "b", "b", "p"] * 3
     assert probed == [7.0] * 3 and set(first) == {"a", "b"}
     assert len(rates["a"]) == len(rates["b"]) == 3 and all(r > 0 for r in rates["a"] + rates["b"])
