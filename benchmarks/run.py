@@ -2,16 +2,19 @@
 
     pip install -c constraints-cpu.txt -e ".[bench]"
     python benchmarks/run.py                       # all (about 25 minutes on 2 CPU cores)
-    python benchmarks/run.py --only training data  # a subset (training data fewshot dedup memory): updates
-                                                   # those entries of results.json, keeps the others
+    python benchmarks/run.py --only training data  # a subset (of training breakdown data fewshot dedup
+                                                   # memory): updates those entries of results.json, keeps
+                                                   # the others
     python benchmarks/run.py --memory-steps 200    # the pretrain memory run shortened to 200 steps
 
 1. training: this project's ViT vs transformers' ViT (Ti/4 @32, S/16 @224; fp32/bf16 x eager/compiled),
    FLOPs, TFLOP/s and MFU against the bf16 matmul peak measured in the same run, loss-curve parity;
-2. data: the Arrow-cache train loader vs the default pretrain model's training step;
-3. fewshot: the few-shot ridge grid vs scikit-learn's Ridge per λ;
-4. dedup: de-duplication hashing and search throughput, and its growth with 10x the images;
-5. memory: peak RSS of the default `kedro run --pipeline pretrain`.
+2. breakdown: where our Ti/4@32 bf16 training step goes, per kernel and matmul (time, GB/s, TFLOP/s), beside the
+   machine's copy bandwidth;
+3. data: the Arrow-cache train loader vs the default pretrain model's training step;
+4. fewshot: the few-shot ridge grid vs scikit-learn's Ridge per λ;
+5. dedup: de-duplication hashing and search throughput, and its growth with 10x the images;
+6. memory: peak RSS of the default `kedro run --pipeline pretrain`.
 
 Each is also a script of its own (`benchmarks/<name>.py`) with more options. Shared machines are noisy: every
 comparison is made inside one run, never against numbers from another.
@@ -32,11 +35,13 @@ import data_loading  # noqa: E402
 import dedup_throughput  # noqa: E402
 import fewshot_grid  # noqa: E402
 import pretrain_memory  # noqa: E402
+import step_breakdown  # noqa: E402
 import train_throughput  # noqa: E402
 from report import machine, write_json  # noqa: E402
 
 BENCHMARKS = {
     "training": train_throughput,
+    "breakdown": step_breakdown,
     "data": data_loading,
     "fewshot": fewshot_grid,
     "dedup": dedup_throughput,

@@ -9,10 +9,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import step_breakdown  # noqa: E402
 import train_throughput  # noqa: E402
 from report import print_table  # noqa: E402
 
-from vit_pipelines.models import VisionTransformer, ViTConfig  # noqa: E402
+from vit_pipelines.models import VisionTransformer, ViTConfig, fused_cpu  # noqa: E402
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -64,3 +65,36 @@ def test_timed_rounds_alternate_the_steps_and_probe_once_per_round():
     assert calls == ["a", "a", "b", "b"] + ["a", "a", "b", "b", "p"] * 3
     assert probed == [7.0] * 3 and set(first) == {"a", "b"}
     assert len(rates["a"]) == len(rates["b"]) == 3 and all(r > 0 for r in rates["a"] + rates["b"])
+
+
+@pytest.mark.skipif(
+    fused_cpu.kernels() is None, reason="the fused CPU block needs AVX-512 and a C++ compiler"
+)
+def test_step_breakdown_times_every_call_of_the_fused_block_with_its_bytes_and_flops():
+    # Ti/4 at 16 px: 16 patches + [class]
+    batch, tokens, width, heads, hidden, layers = 2, 17, 192, 3, 768, 12
+    result = step_breakdown.run("Ti/4", image_size=16, batch=batch, steps=2, warmup=1)
+    ops = result["ops"]
+    # per layer: 4 matmuls forward, 8 backward; one attention kernel each way, two layer norms each way
+    assert sum(op["calls_per_step"] for op in ops.values() if op["kind"] == "matmul") == 12 * layers
+    assert ops["attention_fwd"]["calls_per_step"] == ops["attention_bwd"]["calls_per_step"] == layers
+    assert ops["layer_norm_fwd"]["calls_per_step"] == ops["layer_norm_bwd"]["calls_per_step"] == 2 * layers
+    # bytes in and out: qkv (bf16) and the qkv bias (float32) in; o and the probabilities (bf16) out
+    rows = batch * tokens
+    qkv, bias, out, probabilities = (
+        2 * rows * 3 * width,
+        4 * 3 * width,
+        2 * rows * width,
+        2 * batch * heads * tokens**2,
+    )
+    assert ops["attention_fwd"]["bytes_per_call"] == qkv + bias + out + probabilities
+    fc1 = ops[f"mm [{rows}x{width}]·[{width}x{hidden}]ᵀ"]  # the forward fc1 product: LN output · weightᵀ
+    assert fc1["tflops"] * 1e12 * fc1["ms_per_step"] / 1e3 == pytest.approx(
+        layers * 2 * rows * width * hidden
+    )
+    shares = result["share_of_step"]
+    assert all(op["ms_per_step"] > 0 for op in ops.values()) and 0 < shares["everything else"] < 1
+    assert shares["matmul"] + shares["kernel"] + shares["everything else"] == pytest.approx(1)
+    assert result["copy_bandwidth_gb_per_second"] > 0
+    assert len(step_breakdown.report(result)) == len(ops) + 1  # and "everything else"
+    assert fused_cpu._kernels is not None and not isinstance(fused_cpu._kernels, step_breakdown._TimedKernels)
