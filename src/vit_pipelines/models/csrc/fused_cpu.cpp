@@ -520,25 +520,29 @@ struct Scratch {
 // [n][ld] and, rows n apart, p_out).
 void softmax_rows(float* score, int64_t n, int64_t ld, float scale, BFloat16* p, BFloat16* p_out) {
   const Vec vscale(scale);
+  const int64_t vecs = (n + kLanes - 1) / kLanes;
+  const __mmask16 last = tail_mask(n - (vecs - 1) * kLanes);
+  auto lanes = [&](int64_t t) { return t + 1 < vecs ? static_cast<__mmask16>(0xffff) : last; };
+  auto scaled = [&](const float* sr, int64_t t) {  // -inf past the row's end
+    return Vec(_mm512_mask_mov_ps(Vec(-INFINITY), lanes(t), load(sr + t * kLanes) * vscale));
+  };
+  auto put = [&](int64_t i, int64_t t, Vec prob) {
+    const int64_t m = t + 1 < vecs ? kLanes : n - t * kLanes;
+    store(p + i * ld + t * kLanes, prob, m);
+    store(p_out + i * n + t * kLanes, prob, m);
+  };
   for (int64_t i = 0; i < n; ++i) {
     float* sr = score + i * ld;
-    Vec vmax(-INFINITY);
-    for (int64_t j = 0; j < n; j += kLanes)
-      vmax = at::vec::maximum(
-          vmax, Vec(_mm512_mask_mov_ps(Vec(-INFINITY), tail_mask(std::min(kLanes, n - j)), load(sr + j) * vscale)));
+    Vec vmax(-INFINITY), sum(0.f);
+    for (int64_t t = 0; t < vecs; ++t) vmax = at::vec::maximum(vmax, scaled(sr, t));
     const Vec mx(hmax(vmax));
-    Vec sum(0.f);
-    for (int64_t j = 0; j < n; j += kLanes) {
-      const Vec x = _mm512_maskz_mov_ps(tail_mask(std::min(kLanes, n - j)), (load(sr + j) * vscale - mx).exp_u20());
-      store(sr + j, x);
+    for (int64_t t = 0; t < vecs; ++t) {
+      const Vec x = _mm512_maskz_mov_ps(lanes(t), (scaled(sr, t) - mx).exp_u20());
+      store(sr + t * kLanes, x);
       sum += x;
     }
     const Vec inv(1.f / hsum(sum));
-    for (int64_t j = 0; j < n; j += kLanes) {
-      const int64_t m = std::min(kLanes, n - j);
-      store(p + i * ld + j, load(sr + j) * inv, m);
-      store(p_out + i * n + j, load(sr + j) * inv, m);
-    }
+    for (int64_t t = 0; t < vecs; ++t) put(i, t, load(sr + t * kLanes) * inv);
   }
 }
 
