@@ -465,7 +465,7 @@ void tile_pairs_of_columns(const BFloat16* x, int64_t rows, int64_t cols, BFloat
 // e = Dh rounded up to 32 (the tiles' depth, for products that sum over tokens or head columns). Products over
 // token rows and columns only compute the first mp = N rounded up to 16 (a tile's height and width).
 struct Heads {
-  int64_t batch, tokens, width, heads, dh, np, mp, e;
+  int64_t batch, tokens, width, heads, dh, np, mp, e, staged;
   bool amx;
   Heads(const torch::Tensor& qkv, int64_t h, bool use_amx) : heads(h), amx(use_amx) {
     TORCH_CHECK(qkv.dim() == 3 && qkv.size(2) % (3 * h) == 0, "qkv: expected [B, N, 3 * heads * head width]");
@@ -474,6 +474,7 @@ struct Heads {
     TORCH_CHECK(dh % kLanes == 0, "head width must be a multiple of ", kLanes, ", got ", dh);
     TORCH_CHECK(!amx || amx_ready(), "AMX asked for but unavailable (it needs Sapphire Rapids or later, Linux ≥ 5.16)");
     np = round_up(tokens, 32), mp = round_up(tokens, 16), e = round_up(dh, 32);
+    staged = round_up(tokens * 3 * width, 32);  // the image's qkv rows in scratch, in whole 64-byte lines
   }
   // c = a · b (see tile_matmul) on the AMX tiles, or with AVX-512 FMAs.
   void matmul(const BFloat16* a, int64_t lda, const BFloat16* b, int64_t ldb, float* c, int64_t ldc, int64_t m,
@@ -509,11 +510,15 @@ struct Heads {
 };
 
 // Per-thread scratch: zero-initialised, and the kernels write only the valid rows and columns of the padded
-// buffers, so the padding stays zero and adds nothing to the matmuls.
+// buffers, so the padding stays zero and adds nothing to the matmuls. torch's CPU allocator starts tensors on
+// 64-byte boundaries and every buffer cut from these is a whole number of 64-byte lines, so each tile row starts a
+// cache line: a tile load whose rows straddle two lines takes twice as long (2x per product here).
 struct Scratch {
-  std::vector<BFloat16> data;
-  std::vector<float> f32;
-  Scratch(int64_t bf16_values, int64_t f32_values) : data(bf16_values), f32(f32_values) {}
+  torch::Tensor bf16, f32;
+  Scratch(int64_t bf16_values, int64_t f32_values)
+      : bf16(torch::zeros({bf16_values}, torch::kBFloat16)), f32(torch::zeros({f32_values}, torch::kFloat)) {}
+  BFloat16* values() { return bf16.data_ptr<BFloat16>(); }
+  float* floats() { return f32.data_ptr<float>(); }
 };
 
 // Rows i < n of p = softmax(scale · score) (score float32 [n][ld], overwritten with the exponentials; p bfloat16
@@ -572,10 +577,10 @@ std::vector<torch::Tensor> attention_fwd(const torch::Tensor& qkv, const torch::
   BFloat16 *po = o.data_ptr<BFloat16>(), *pp = p.data_ptr<BFloat16>();
   at::parallel_for(0, s.batch, 1, [&](int64_t first, int64_t last) {
     s.on_tiles([&] {
-      Scratch w(n * d3 + 5 * np * e + np * np, np * np + np * e);
-      BFloat16 *img = w.data.data(), *q = img + n * d3, *k = q + np * e, *v = k + np * e, *kc = v + np * e;
+      Scratch w(s.staged + 5 * np * e + np * np, np * np + np * e);
+      BFloat16 *img = w.values(), *q = img + s.staged, *k = q + np * e, *v = k + np * e, *kc = v + np * e;
       BFloat16 *vr = kc + np * e, *prob = vr + np * e;
-      float *score = w.f32.data(), *out = score + np * np;
+      float *score = w.floats(), *out = score + np * np;
       for (int64_t bi = first; bi < last; ++bi) {
         s.stage(pqkv, pb, bi, img);
         for (int64_t h = 0; h < heads; ++h) {
@@ -611,11 +616,11 @@ std::vector<torch::Tensor> attention_bwd(const torch::Tensor& dout, const torch:
   BFloat16 *pd = dqkv.data_ptr<BFloat16>(), *pd_t = dqkv_t.data_ptr<BFloat16>();
   at::parallel_for(0, s.batch, 1, [&](int64_t first, int64_t last) {
     s.on_tiles([&] {
-      Scratch w(n * d3 + 5 * np * e + 4 * np * np, np * np + np * e);
-      BFloat16 *img = w.data.data(), *q = img + n * d3, *k = q + np * e, *v = k + np * e, *dov = v + np * e;
+      Scratch w(s.staged + 5 * np * e + 4 * np * np, np * np + np * e);
+      BFloat16 *img = w.values(), *q = img + s.staged, *k = q + np * e, *v = k + np * e, *dov = v + np * e;
       BFloat16 *pairs = dov + np * e, *prob = pairs + np * e, *prob_t = prob + np * np, *ds = prob_t + np * np;
       BFloat16* ds_t = ds + np * np;
-      float *dp = w.f32.data(), *out = dp + np * np, *colsum = sums.row(at::get_thread_num());
+      float *dp = w.floats(), *out = dp + np * np, *colsum = sums.row(at::get_thread_num());
       int64_t done = first * n;  // rows of dqkv transposed so far
       for (int64_t bi = first; bi < last; ++bi) {
         BFloat16* grad = pd + bi * n * d3;  // this image's rows of dqkv
