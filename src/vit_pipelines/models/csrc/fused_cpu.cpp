@@ -512,7 +512,7 @@ struct Heads {
 // Per-thread scratch: zero-initialised, and the kernels write only the valid rows and columns of the padded
 // buffers, so the padding stays zero and adds nothing to the matmuls. torch's CPU allocator starts tensors on
 // 64-byte boundaries and every buffer cut from these is a whole number of 64-byte lines, so each tile row starts a
-// cache line: a tile load whose rows straddle two lines takes twice as long (2x per product here).
+// cache line: a tile load whose rows straddle two lines takes ~6x as long, which doubled the time per product.
 struct Scratch {
   torch::Tensor bf16, f32;
   Scratch(int64_t bf16_values, int64_t f32_values)
