@@ -525,16 +525,14 @@ struct Scratch {
 // [n][ld] and, rows n apart, p_out).
 void softmax_rows(float* score, int64_t n, int64_t ld, float scale, BFloat16* p, BFloat16* p_out) {
   const Vec vscale(scale);
-  const int64_t vecs = (n + kLanes - 1) / kLanes;
-  const __mmask16 last = tail_mask(n - (vecs - 1) * kLanes);
-  auto lanes = [&](int64_t t) { return t + 1 < vecs ? static_cast<__mmask16>(0xffff) : last; };
+  const int64_t vecs = (n + kLanes - 1) / kLanes, tail = n - (vecs - 1) * kLanes;  // values in the last vector
+  auto count = [&](int64_t t) { return t + 1 < vecs ? kLanes : tail; };
   auto scaled = [&](const float* sr, int64_t t) {  // -inf past the row's end
-    return Vec(_mm512_mask_mov_ps(Vec(-INFINITY), lanes(t), load(sr + t * kLanes) * vscale));
+    return Vec(_mm512_mask_mov_ps(Vec(-INFINITY), tail_mask(count(t)), load(sr + t * kLanes) * vscale));
   };
   auto put = [&](int64_t i, int64_t t, Vec prob) {
-    const int64_t m = t + 1 < vecs ? kLanes : n - t * kLanes;
-    store(p + i * ld + t * kLanes, prob, m);
-    store(p_out + i * n + t * kLanes, prob, m);
+    store(p + i * ld + t * kLanes, prob, count(t));
+    store(p_out + i * n + t * kLanes, prob, count(t));
   };
   for (int64_t i = 0; i < n; ++i) {
     float* sr = score + i * ld;
@@ -542,7 +540,7 @@ void softmax_rows(float* score, int64_t n, int64_t ld, float scale, BFloat16* p,
     for (int64_t t = 0; t < vecs; ++t) vmax = at::vec::maximum(vmax, scaled(sr, t));
     const Vec mx(hmax(vmax));
     for (int64_t t = 0; t < vecs; ++t) {
-      const Vec x = _mm512_maskz_mov_ps(lanes(t), (scaled(sr, t) - mx).exp_u20());
+      const Vec x = _mm512_maskz_mov_ps(tail_mask(count(t)), (scaled(sr, t) - mx).exp_u20());
       store(sr + t * kLanes, x);
       sum += x;
     }
