@@ -91,20 +91,25 @@ def attention_reference(qkv, bias, heads, do):
 
 
 # ViT-Ti/4 at 32 px (65 tokens, head width 64), an odd short sequence, a head width that needs padding to the
-# tiles' 32 (H/14's 80), and S/16 at 224 px (197 tokens).
+# tiles' 32 (H/14's 80), and S/16 at 224 px (197 tokens). 9 images: with 2 workers, the weight gradient's products
+# carry rows over from one image to the next and end on a partial block of 32.
 @pytest.mark.parametrize("tokens, heads, head_width", [(65, 3, 64), (17, 2, 16), (50, 2, 80), (197, 6, 64)])
 @pytest.mark.parametrize("amx", [True, False], ids=["amx", "avx512"])
-def test_attention_kernels_match_float64_attention(ops, tokens, heads, head_width, amx):
+def test_attention_kernels_match_float64_attention(ops, tokens, heads, head_width, amx, batch=9):
     if amx and not ops.amx_ready():
         pytest.skip("no AMX on this CPU: the AVX-512 case covers the kernels")
     gen = torch.Generator().manual_seed(tokens)
     width = heads * head_width
-    qkv = (2 * torch.randn(3, tokens, 3 * width, generator=gen)).bfloat16()
-    bias, do = torch.randn(3 * width, generator=gen), torch.randn(3, tokens, width, generator=gen).bfloat16()
+    qkv = (2 * torch.randn(batch, tokens, 3 * width, generator=gen)).bfloat16()
+    bias, do = (
+        torch.randn(3 * width, generator=gen),
+        torch.randn(batch, tokens, width, generator=gen).bfloat16(),
+    )
+    x = torch.randn(batch, tokens, width, generator=gen).bfloat16()  # the qkv layer's input
     o_ref, p_ref, dqkv_ref = attention_reference(qkv, bias, heads, do)
     scale = head_width**-0.5
     o, p = ops.attention_fwd(qkv, bias, heads, scale, amx)
-    dqkv, dqkv_t, bias_grad = ops.attention_bwd(do, qkv, bias, p, heads, scale, amx)
+    dqkv, dw, bias_grad = ops.attention_bwd(do, qkv, bias, p, x, heads, scale, amx)
     # Float32 scores and sums instead of float64: p and ds may round to the neighbouring bf16 value, and the
     # outputs differ by their final rounding (2^-8 relative) plus such neighbours' share: two bf16 steps of the
     # value, or (where terms cancel) of the largest value.
@@ -112,7 +117,10 @@ def test_attention_kernels_match_float64_attention(ops, tokens, heads, head_widt
     assert (p.double() != p_ref).double().mean() < 0.02
     for got, want in ((o, o_ref), (dqkv, dqkv_ref)):
         torch.testing.assert_close(got.double(), want, rtol=2**-6, atol=2**-7 * want.abs().max().item())
-    assert torch.equal(dqkv_t, dqkv.view(-1, 3 * width).t())
+    # The weight gradient sums the rounded dqkv's products in float32, over 32-row blocks in each worker's images.
+    dw_exact = dqkv.view(-1, 3 * width).double().t() @ x.view(-1, width).double()
+    assert dw.dtype == torch.float32 and dw.shape == (3 * width, width)
+    torch.testing.assert_close(dw.double(), dw_exact, rtol=1e-5, atol=1e-6 * dw_exact.abs().max().item())
     torch.testing.assert_close(bias_grad, dqkv.float().sum((0, 1)), rtol=1e-5, atol=1e-4)
 
 
@@ -123,6 +131,13 @@ def test_attention_kernels_reject_what_they_do_not_handle(ops):
         )  # head width 8
     with pytest.raises(RuntimeError, match="BFloat16"):
         ops.attention_fwd(torch.zeros(1, 4, 3 * 32), torch.zeros(96), 2, 1.0, False)
+    qkv, bias, p = torch.zeros(2, 4, 96).bfloat16(), torch.zeros(96), torch.zeros(2, 2, 4, 4).bfloat16()
+    with pytest.raises(
+        RuntimeError, match="as many rows as do"
+    ):  # the qkv layer's input of one image, not two
+        ops.attention_bwd(
+            torch.zeros(2, 4, 32).bfloat16(), qkv, bias, p, torch.zeros(1, 4, 32).bfloat16(), 2, 1.0, False
+        )
 
 
 @pytest.mark.parametrize("rows", [1, 16, 77, 8320])

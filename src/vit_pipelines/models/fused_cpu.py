@@ -7,7 +7,8 @@ function, x ↦ x + MSA(LN(x)) ↦ x + MLP(LN(x)), with its own forward and back
 bfloat16 (float32 accumulation) and one kernel per group of element-wise work (`csrc/fused_cpu.cpp`) adds the
 bias where the next pass reads the data anyway. Attention is one kernel each way: per image and head, its
 matmuls run on AMX tiles (Sapphire Rapids and later; AVX-512 FMAs elsewhere) from per-thread scratch, with the
-softmax between them, so only q, k, v, the probabilities and the output touch memory. Precision matches
+softmax between them, so only q, k, v, the probabilities and the output touch memory; its backward also sums the
+qkv weight gradient on the tiles while the gradient rows are in cache. Precision matches
 autocast's: residual stream, layer-norm statistics, attention scores, softmax and GELU in float32, matmul operands
 in bfloat16, parameter gradients in float32. The GELU's derivative is computed in the forward pass, next to the
 GELU, and kept in bfloat16 like the activations; the backward pass then only multiplies by it.
@@ -133,8 +134,9 @@ class _FusedBlock(torch.autograd.Function):
         ln1_w, w_qkv, qkv_b, w_proj, ln2_w, w_fc1, w_fc2 = ctx.params
         (b, n, d), heads = x.shape, ctx.heads
         # MLP branch: out = x1 + fc2(GELU(fc1(h2))).
-        # The weight gradients gᵀ·x of qkv and proj read gᵀ as the kernels store it ([out, rows]): oneDNN runs
-        # them 1.5-2.5x faster than with g's transposed view. fc1's and fc2's gradients are 4x the model width:
+        # proj's weight gradient gᵀ·x reads gᵀ as layer_norm_bwd stores it ([out, rows]): oneDNN runs it 1.5-2.5x
+        # faster than with g's transposed view (attention_bwd sums qkv's itself). fc1's and fc2's gradients are 4x
+        # the model width:
         # writing them (and the GELU output) transposed costs the passes that write them more than these products
         # lose by reading the narrow operand's transposed view instead (xᵀ·g, (h2ᵀ·dz)ᵀ), so they do that.
         dy2, db_fc2 = ops.cast_colsum(g.contiguous())
@@ -149,9 +151,8 @@ class _FusedBlock(torch.autograd.Function):
         dy1 = dy1.view(-1, d)
         dw_proj = torch.mm(dy1_t, o.view(-1, d))
         do = torch.mm(dy1, w_proj).view(b, n, d)
-        dqkv, dqkv_t, db_qkv = ops.attention_bwd(do, qkv, qkv_b, p, heads, scale, _amx)
+        dqkv, dw_qkv, db_qkv = ops.attention_bwd(do, qkv, qkv_b, p, h1, heads, scale, _amx)
         dqkv = dqkv.view(-1, 3 * d)
-        dw_qkv = torch.mm(dqkv_t, h1.view(-1, d))
         gx, dln1_w, dln1_b = ops.layer_norm_bwd(torch.mm(dqkv, w_qkv).view(b, n, d), x, mean1, rstd1, ln1_w, g1, False)  # fmt: skip
         grads = (dw_qkv, db_qkv, dw_proj, db_proj, dln2_w, dln2_b, dw_fc1, db_fc1, dw_fc2, db_fc2)
         return (gx, dln1_w, dln1_b, *(t.float() for t in grads), None, None)

@@ -351,20 +351,30 @@ bool amx_ready() {
 
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
-// c[m x n] (float32, row stride ldc) = a[m x k] (bf16, row stride lda) · b, with b given as pair rows
+// Rows of dqkv per weight-gradient product in attention_bwd: 32-512 ran alike (Ti/4, batch 128, step breakdown).
+constexpr int64_t kWgradRows = 128;
+
+// c[m x n] (float32, row stride ldc) = a[m x k] (bf16, row stride lda) · b (+ c where accumulate), with b given as pair rows
 // (tile_pairs_of_rows / tile_pairs_of_columns, row stride ldb ≥ 2n bf16). m, n multiples of 16; k of 32. Each step
 // computes a 32 x 32 block of c in four accumulator tiles from two tiles of a and two of b (at the last row or
 // column of blocks, 16 wide where m or n is an odd multiple of 16: the tile ops are not asked for the missing half).
 void tile_matmul(const BFloat16* a, int64_t lda, const BFloat16* b, int64_t ldb, float* c, int64_t ldc, int64_t m,
-                 int64_t n, int64_t k) {
+                 int64_t n, int64_t k, bool accumulate) {
   for (int64_t i = 0; i < m; i += 32) {
     const bool low = i + 16 < m;  // rows i + 16 ... i + 31 exist
     for (int64_t j = 0; j < n; j += 32) {
       const bool right = j + 16 < n;  // columns j + 16 ... j + 31 exist
-      _tile_zero(0);
-      if (right) _tile_zero(1);
-      if (low) _tile_zero(2);
-      if (low && right) _tile_zero(3);
+      if (accumulate) {
+        _tile_loadd(0, c + i * ldc + j, ldc * 4);
+        if (right) _tile_loadd(1, c + i * ldc + j + 16, ldc * 4);
+        if (low) _tile_loadd(2, c + (i + 16) * ldc + j, ldc * 4);
+        if (low && right) _tile_loadd(3, c + (i + 16) * ldc + j + 16, ldc * 4);
+      } else {
+        _tile_zero(0);
+        if (right) _tile_zero(1);
+        if (low) _tile_zero(2);
+        if (low && right) _tile_zero(3);
+      }
       for (int64_t kk = 0; kk < k; kk += 32) {
         _tile_loadd(4, a + i * lda + kk, lda * 2);
         _tile_loadd(6, b + kk / 2 * ldb + 2 * j, ldb * 2);
@@ -390,13 +400,14 @@ void tile_matmul(const BFloat16* a, int64_t lda, const BFloat16* b, int64_t ldb,
 // tile_matmul without AMX (AVX-512 only): the same operands, four rows of c and 16 columns at a time, each bf16
 // pair widened to float32 for two FMAs.
 void vector_matmul(const BFloat16* a, int64_t lda, const BFloat16* b, int64_t ldb, float* c, int64_t ldc,
-                   int64_t m, int64_t n, int64_t k) {
+                   int64_t m, int64_t n, int64_t k, bool accumulate) {
   const __m512i high = _mm512_set1_epi32(static_cast<int32_t>(0xffff0000u));
   auto first = [](__m512i pairs) { return _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16)); };
   auto second = [&](__m512i pairs) { return _mm512_castsi512_ps(_mm512_and_si512(pairs, high)); };
   for (int64_t i = 0; i < m; i += 4)
     for (int64_t j = 0; j < n; j += kLanes) {
-      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+      __m512 acc[4];
+      for (int r = 0; r < 4; ++r) acc[r] = accumulate ? _mm512_loadu_ps(c + (i + r) * ldc + j) : _mm512_setzero_ps();
       for (int64_t t = 0; t < k / 2; ++t) {
         const __m512i bv = _mm512_loadu_si512(b + t * ldb + 2 * j);
         const __m512 b0 = first(bv), b1 = second(bv);
@@ -478,8 +489,8 @@ struct Heads {
   }
   // c = a · b (see tile_matmul) on the AMX tiles, or with AVX-512 FMAs.
   void matmul(const BFloat16* a, int64_t lda, const BFloat16* b, int64_t ldb, float* c, int64_t ldc, int64_t m,
-              int64_t n, int64_t k) const {
-    (amx ? tile_matmul : vector_matmul)(a, lda, b, ldb, c, ldc, m, n, k);
+              int64_t n, int64_t k, bool accumulate = false) const {
+    (amx ? tile_matmul : vector_matmul)(a, lda, b, ldb, c, ldc, m, n, k, accumulate);
   }
   // Per worker: loads the tile configuration (AMX state is per thread) and releases it when the work is done.
   template <typename Work>
@@ -597,35 +608,63 @@ std::vector<torch::Tensor> attention_fwd(const torch::Tensor& qkv, const torch::
   return {o, p};
 }
 
-// Backward of attention_fwd for the output gradient do [B, N, D] (bfloat16): dqkv [B, N, 3 * D] bfloat16, also
-// transposed ([3 * D, B * N]), and its column sums (the qkv bias gradient). dv = pᵀ·do, dp = do·vᵀ,
-// ds = scale · p ⊙ (dp − rowsum(p ⊙ dp)), dq = ds·k, dk = dsᵀ·q.
+// Backward of attention_fwd for the output gradient do [B, N, D] (bfloat16), given x [B, N, D] (bfloat16), the input
+// of the qkv layer: dqkv [B, N, 3 * D] bfloat16, the qkv weight gradient dqkvᵀ·x [3 * D, D] float32 and the bias
+// gradient, dqkv's column sums. dv = pᵀ·do, dp = do·vᵀ, ds = scale · p ⊙ (dp − rowsum(p ⊙ dp)), dq = ds·k,
+// dk = dsᵀ·q. Each worker adds its images' share of the weight gradient on the tiles, kWgradRows rows of dqkv at a
+// time, transposed from cache, into its own float32 sum: dqkvᵀ never goes to memory, and no matmul reads it back.
 std::vector<torch::Tensor> attention_bwd(const torch::Tensor& dout, const torch::Tensor& qkv, const torch::Tensor& b,
-                                         const torch::Tensor& p, int64_t heads, double scale, bool amx) {
+                                         const torch::Tensor& p, const torch::Tensor& x, int64_t heads, double scale,
+                                         bool amx) {
   const Heads s(qkv, heads, amx);
-  const int64_t n = s.tokens, np = s.np, mp = s.mp, e = s.e, d3 = 3 * s.width, rows = s.batch * n;
-  check_rows(dout, torch::kBFloat16, s.width, "do");
+  const int64_t n = s.tokens, np = s.np, mp = s.mp, e = s.e, width = s.width, d3 = 3 * width;
+  check_rows(dout, torch::kBFloat16, width, "do");
+  check_rows(x, torch::kBFloat16, width, "x");
   TORCH_CHECK(p.scalar_type() == torch::kBFloat16 && p.is_contiguous() && p.numel() == s.batch * heads * n * n,
               "p: expected contiguous bfloat16 [B, H, N, N]");
-  auto dqkv = torch::empty_like(qkv), dqkv_t = empty_transposed(dqkv);
+  TORCH_CHECK(x.numel() == dout.numel(), "x: expected as many rows as do");
+  // The weight gradient's operands: wp = x's row padded to the tiles' 32 columns, ldk = the most rows per product.
+  const int64_t wp = round_up(width, 32), ldk = round_up(kWgradRows + n, 32);
+  auto dqkv = torch::empty_like(qkv);
+  auto dw = torch::zeros({at::get_num_threads(), d3, width}, qkv.options().dtype(torch::kFloat));
   ColumnSums sums(d3);
   const BFloat16 *pqkv = qkv.data_ptr<BFloat16>(), *pdo = dout.data_ptr<BFloat16>(), *pp = p.data_ptr<BFloat16>();
+  const BFloat16* px = x.data_ptr<BFloat16>();
   const float* pb = b.data_ptr<float>();
-  BFloat16 *pd = dqkv.data_ptr<BFloat16>(), *pd_t = dqkv_t.data_ptr<BFloat16>();
+  BFloat16* pd = dqkv.data_ptr<BFloat16>();
   at::parallel_for(0, s.batch, 1, [&](int64_t first, int64_t last) {
     s.on_tiles([&] {
-      Scratch w(s.staged + 5 * np * e + 4 * np * np, np * np + np * e);
+      Scratch w(s.staged + 5 * np * e + 4 * np * np + d3 * ldk + 2 * ldk * wp, np * np + np * e);
       BFloat16 *img = w.values(), *q = img + s.staged, *k = q + np * e, *v = k + np * e, *dov = v + np * e;
       BFloat16 *pairs = dov + np * e, *prob = pairs + np * e, *prob_t = prob + np * np, *ds = prob_t + np * np;
-      BFloat16* ds_t = ds + np * np;
-      float *dp = w.floats(), *out = dp + np * np, *colsum = sums.row(at::get_thread_num());
-      int64_t done = first * n;  // rows of dqkv transposed so far
+      BFloat16 *ds_t = ds + np * np, *rows_t = ds_t + np * np, *xs = rows_t + d3 * ldk, *x_pairs = xs + ldk * wp;
+      float *dp = w.floats(), *out = dp + np * np;
+      const int64_t tid = at::get_thread_num();
+      float *colsum = sums.row(tid), *dw_sum = dw.data_ptr<float>() + tid * d3 * width;
+      int64_t done = first * n;  // rows of dqkv in dw_sum so far
+      // dw_sum += dqkv[done, upto)ᵀ · x[done, upto), for the most rows that are a multiple of 32, or at the end for
+      // all of them: rows_t = dqkv's rows transposed (from cache) and xs = x's rows, both zero-padded to 32 rows.
+      auto add_weight_gradient = [&](int64_t upto, bool end) {
+        const int64_t count = end ? upto - done : (upto - done) / 32 * 32, depth = round_up(count, 32);
+        transpose_rows(pd + done * d3, d3, count, d3, rows_t, ldk);
+        for (int64_t r = 0; r < depth; ++r) {
+          if (r < count)
+            std::memcpy(xs + r * wp, px + (done + r) * width, width * sizeof(BFloat16));
+          else
+            std::memset(xs + r * wp, 0, width * sizeof(BFloat16));
+        }
+        for (int64_t c = 0; c < d3 && count < depth; ++c)
+          std::memset(rows_t + c * ldk + count, 0, (depth - count) * sizeof(BFloat16));
+        tile_pairs_of_rows(xs, depth, wp, x_pairs);
+        s.matmul(rows_t, ldk, x_pairs, 2 * wp, dw_sum, width, d3, width, depth, true);
+        done += count;
+      };
       for (int64_t bi = first; bi < last; ++bi) {
         BFloat16* grad = pd + bi * n * d3;  // this image's rows of dqkv
         s.stage(pqkv, pb, bi, img);
         for (int64_t h = 0; h < heads; ++h) {
-          s.head(img, d3, h * s.dh, q), s.head(img, d3, s.width + h * s.dh, k);
-          s.head(img, d3, 2 * s.width + h * s.dh, v), s.head(pdo + bi * n * s.width, s.width, h * s.dh, dov);
+          s.head(img, d3, h * s.dh, q), s.head(img, d3, width + h * s.dh, k);
+          s.head(img, d3, 2 * width + h * s.dh, v), s.head(pdo + bi * n * width, width, h * s.dh, dov);
           const BFloat16* p_in = pp + (bi * heads + h) * n * n;
           for (int64_t i = 0; i < n; ++i) std::memcpy(prob + i * np, p_in + i * n, n * sizeof(BFloat16));
           tile_pairs_of_columns(v, mp, e, pairs);
@@ -637,24 +676,20 @@ std::vector<torch::Tensor> attention_bwd(const torch::Tensor& dout, const torch:
           transpose_rows(ds, np, mp, mp, ds_t, np);
           tile_pairs_of_rows(q, np, e, pairs);
           s.matmul(ds_t, np, pairs, 2 * e, out, e, mp, e, np);
-          s.put_head(out, grad, d3, s.width + h * s.dh);  // dk
+          s.put_head(out, grad, d3, width + h * s.dh);  // dk
           transpose_rows(prob, np, mp, mp, prob_t, np);
           tile_pairs_of_rows(dov, np, e, pairs);
           s.matmul(prob_t, np, pairs, 2 * e, out, e, mp, e, np);
-          s.put_head(out, grad, d3, 2 * s.width + h * s.dh);  // dv
+          s.put_head(out, grad, d3, 2 * width + h * s.dh);  // dv
         }
         for (int64_t i = 0; i < n; ++i)  // bias gradient: the rounded values
           for (int64_t c = 0; c < d3; c += kLanes) store(colsum + c, load(colsum + c) + load(grad + i * d3 + c));
-        // dqkvᵀ from rows still in cache, 64 rows at a time: each [3D]-row of it then receives whole cache lines
-        const int64_t upto = bi + 1 == last ? (bi + 1) * n : (bi + 1) * n / 64 * 64;
-        if (upto > done) {
-          transpose_rows(pd + done * d3, d3, upto - done, d3, pd_t + done, rows);
-          done = upto;
-        }
+        const int64_t upto = (bi + 1) * n;
+        if (bi + 1 == last || upto - done >= kWgradRows) add_weight_gradient(upto, bi + 1 == last);
       }
     });
   });
-  return {dqkv, dqkv_t, sums.total()};
+  return {dqkv, dw.sum(0), sums.total()};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
