@@ -44,13 +44,18 @@ def test_gelu_kernels_round_the_exact_gelu_and_its_derivative(ops):
     assert bf16_ulps(derivative, exact.grad)[exact.grad.abs() > 1e-3].max() <= 0.6
     # the backward multiplies the upstream gradient by the saved derivative, rounding once
     upstream = torch.randn(z.shape, generator=torch.Generator().manual_seed(0)).bfloat16()
-    dh, bias_grad = ops.mul_colsum(upstream, derivative)
+    x = torch.ones(
+        len(z), 16
+    ).bfloat16()  # fc1's input (the weight gradient: test_..._sum_the_weight_gradient)
+    dh, bias_grad, _ = ops.mul_colsum(upstream, derivative, x, False)
     product = upstream.double() * derivative.double()
     assert bf16_ulps(dh, product)[product.abs() > 1e-30].max() <= 0.5
     # the bias gradient sums the float32 products, before their rounding to bf16
     torch.testing.assert_close(bias_grad.double(), product.sum(0), rtol=1e-5, atol=1e-4)
     with pytest.raises(RuntimeError, match="same shape"):
-        ops.mul_colsum(upstream[:-1], derivative)
+        ops.mul_colsum(upstream[:-1], derivative, x, False)
+    with pytest.raises(RuntimeError, match=f"x: expected {len(z)} rows, got {len(z) - 1}"):
+        ops.mul_colsum(upstream, derivative, x[:-1], False)
 
 
 def test_layer_norm_kernels_and_the_residual_they_carry(ops):
@@ -71,6 +76,12 @@ def test_layer_norm_kernels_and_the_residual_they_carry(ops):
     assert torch.equal(g_bf16, g_out.bfloat16())
     assert torch.equal(g_bf16_t, g_bf16.view(-1, 64).t())
     torch.testing.assert_close(g_sums, g_out.sum((0, 1)), rtol=1e-5, atol=1e-5)
+
+
+def assert_float32_sums(got: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """got = a·b (bf16 operands) up to float32 summation: a few float32 steps of the sum of the terms' sizes."""
+    exact, size = a.double() @ b.double(), a.double().abs() @ b.double().abs()
+    assert ((got.double() - exact).abs() <= 2**-20 * size + 1e-30).all()
 
 
 def attention_reference(qkv, bias, heads, do):
@@ -118,9 +129,8 @@ def test_attention_kernels_match_float64_attention(ops, tokens, heads, head_widt
     for got, want in ((o, o_ref), (dqkv, dqkv_ref)):
         torch.testing.assert_close(got.double(), want, rtol=2**-6, atol=2**-7 * want.abs().max().item())
     # The weight gradient sums the rounded dqkv's products in float32, over 32-row blocks in each worker's images.
-    dw_exact = dqkv.view(-1, 3 * width).double().t() @ x.view(-1, width).double()
     assert dw.dtype == torch.float32 and dw.shape == (3 * width, width)
-    torch.testing.assert_close(dw.double(), dw_exact, rtol=1e-5, atol=1e-6 * dw_exact.abs().max().item())
+    assert_float32_sums(dw, dqkv.view(-1, 3 * width).t(), x.view(-1, width))
     torch.testing.assert_close(bias_grad, dqkv.float().sum((0, 1)), rtol=1e-5, atol=1e-4)
 
 
@@ -141,7 +151,7 @@ def test_attention_kernels_reject_what_they_do_not_handle(ops):
 
 
 @pytest.mark.parametrize("rows", [1, 16, 77, 8320])
-def test_gradient_kernels_store_the_transpose_the_weight_gradient_reads(ops, rows):
+def test_layer_norm_bwd_stores_the_transpose_the_weight_gradient_reads(ops, rows):
     """Whole and partial 128-row tiles: the transposed copy equals the gradient's transpose exactly."""
     gen = torch.Generator().manual_seed(rows)
     x, g = torch.randn(2, rows, 48, generator=gen)
@@ -150,9 +160,27 @@ def test_gradient_kernels_store_the_transpose_the_weight_gradient_reads(ops, row
     g_out, _, _, g_bf16, g_bf16_t, sums = ops.layer_norm_bwd(dy, x, mean, rstd, torch.ones(48), g, True)
     assert torch.equal(g_bf16_t, g_bf16.t())
     torch.testing.assert_close(sums.double(), g_out.double().sum(0), rtol=1e-5, atol=rows * 1e-6)
-    g_bf16, sums = ops.cast_colsum(g)
+
+
+# Ti/4's fc2 (192 ← 768) and fc1 (768 ← 192) over a batch's 8320 rows, and partial blocks of 32 and 128 rows with
+# widths that pad to the tiles' 32 columns.
+@pytest.mark.parametrize("rows, out, inputs", [(8320, 192, 768), (8320, 768, 192), (1, 16, 16), (77, 48, 80)])
+@pytest.mark.parametrize("amx", [True, False], ids=["amx", "avx512"])
+def test_gradient_kernels_sum_the_weight_gradient(ops, rows, out, inputs, amx):
+    """cast_colsum and mul_colsum: a dense layer's output gradient g in bf16 with its bias gradient (column sums)
+    and weight gradient gᵀ·x, summed in float32 from the rounded g over each worker's blocks of rows."""
+    if amx and not ops.amx_ready():
+        pytest.skip("no AMX on this CPU: the AVX-512 case covers the kernels")
+    gen = torch.Generator().manual_seed(rows + out)
+    g, x = torch.randn(rows, out, generator=gen), torch.randn(rows, inputs, generator=gen).bfloat16()
+    g_bf16, bias_grad, weight_grad = ops.cast_colsum(g, x, amx)
     assert torch.equal(g_bf16, g.bfloat16())
-    torch.testing.assert_close(sums.double(), g.double().sum(0), rtol=1e-5, atol=rows * 1e-7)
+    torch.testing.assert_close(bias_grad.double(), g.double().sum(0), rtol=1e-5, atol=rows * 1e-7)
+    da, d = torch.randn(2, rows, out, generator=gen).bfloat16()
+    dh, _, weight_grad_mul = ops.mul_colsum(da, d, x, amx)
+    for got, grad in ((weight_grad, g_bf16), (weight_grad_mul, dh)):
+        assert got.dtype == torch.float32 and got.shape == (out, inputs)
+        assert_float32_sums(got, grad.view(-1, out).t(), x.view(-1, inputs))
 
 
 def gradients(model: VisionTransformer, images, labels, autocast: bool) -> tuple[torch.Tensor, dict]:

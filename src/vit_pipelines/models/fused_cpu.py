@@ -134,16 +134,13 @@ class _FusedBlock(torch.autograd.Function):
         ln1_w, w_qkv, qkv_b, w_proj, ln2_w, w_fc1, w_fc2 = ctx.params
         (b, n, d), heads = x.shape, ctx.heads
         # MLP branch: out = x1 + fc2(GELU(fc1(h2))).
-        # proj's weight gradient gᵀ·x reads gᵀ as layer_norm_bwd stores it ([out, rows]): oneDNN runs it 1.5-2.5x
-        # faster than with g's transposed view (attention_bwd sums qkv's itself). fc1's and fc2's gradients are 4x
-        # the model width:
-        # writing them (and the GELU output) transposed costs the passes that write them more than these products
-        # lose by reading the narrow operand's transposed view instead (xᵀ·g, (h2ᵀ·dz)ᵀ), so they do that.
-        dy2, db_fc2 = ops.cast_colsum(g.contiguous())
+        # The kernels that compute a layer's output gradient also sum its weight gradient gᵀ·x on the tiles, block
+        # by block while g is in cache (cast_colsum: fc2, mul_colsum: fc1, attention_bwd: qkv): oneDNN ran these
+        # products at half its rate for the others, through g's transposed view (or a transposed copy of g the
+        # kernel had to write). proj's, the narrowest, still reads the copy layer_norm_bwd writes ([out, rows]).
+        dy2, db_fc2, dw_fc2 = ops.cast_colsum(g.contiguous(), a, _amx)
         dy2 = dy2.view(-1, d)
-        dz, db_fc1 = ops.mul_colsum(torch.mm(dy2, w_fc2), gelu_grad)
-        dw_fc2 = torch.mm(dy2.t(), a)
-        dw_fc1 = torch.mm(h2.view(-1, d).t(), dz).t()
+        dz, db_fc1, dw_fc1 = ops.mul_colsum(torch.mm(dy2, w_fc2), gelu_grad, h2, _amx)
         g1, dln2_w, dln2_b, dy1, dy1_t, db_proj = ops.layer_norm_bwd(
             torch.mm(dz, w_fc1).view(b, n, d), x1, mean2, rstd2, ln2_w, g, True
         )

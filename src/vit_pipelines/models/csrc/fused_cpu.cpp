@@ -71,23 +71,6 @@ struct ColumnSums {
 
 constexpr int64_t kGrain = 32;  // rows per parallel task
 
-// out[r][j] = value(r * cols + j) (16 float32 values from a flat index) rounded to bfloat16, over rows in parallel;
-// returns the column sums of the float32 values. A dense layer's output gradient with its bias gradient.
-template <typename Value>
-torch::Tensor round_with_column_sums(int64_t rows, int64_t cols, BFloat16* out, const Value& value) {
-  ColumnSums sums(cols);
-  at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
-    float* s = sums.row(at::get_thread_num());
-    for (int64_t r = begin; r < end; ++r)
-      for (int64_t j = 0; j < cols; j += kLanes) {
-        const Vec v = value(r * cols + j);
-        store(out + r * cols + j, v);
-        store(s + j, load(s + j) + v);
-      }
-  });
-  return sums.total();
-}
-
 // dst[c][r] = src[r][c] for a 16 x 16 block of bfloat16 (rows ld_src elements apart in src, ld_dst in dst): rows i
 // and i + 8 share a register, 8 x 8 transposes run in each 128-bit lane (unpacks of 16, 32 then 64 bits), and a
 // lane shuffle regroups each register into two output rows.
@@ -256,16 +239,6 @@ torch::Tensor add_bias_residual(const torch::Tensor& x, const torch::Tensor& y, 
   return out;
 }
 
-// g in bfloat16 and its column sums: the output and bias gradient of a dense layer from a float32 gradient.
-std::vector<torch::Tensor> cast_colsum(const torch::Tensor& g) {
-  const int64_t d = g.size(-1), rows = g.numel() / d;
-  check_rows(g, torch::kFloat, d, "g");
-  auto out = torch::empty(g.sizes(), g.options().dtype(torch::kBFloat16));
-  const float* pg = g.data_ptr<float>();
-  auto sums = round_with_column_sums(rows, d, out.data_ptr<BFloat16>(), [&](int64_t i) { return load(pg + i); });
-  return {out, sums};
-}
-
 namespace {
 // erf(u) for float32 as a rational function u·P(u²)/Q(u²) on u clamped to [-4, 4] (beyond, erf is ±1 in float32):
 // the minimax approximation of Eigen's and XLA's float erf, accurate to a few float32 ulps without an exp.
@@ -309,20 +282,6 @@ std::vector<torch::Tensor> bias_gelu_fwd(const torch::Tensor& h, const torch::Te
       }
   });
   return {a, da_dh};
-}
-
-// dh = da * d (both bfloat16, e.g. a gradient and the derivative bias_gelu_fwd saved) rounded to bfloat16, and the
-// column sums of the float32 products (the bias gradient).
-std::vector<torch::Tensor> mul_colsum(const torch::Tensor& da, const torch::Tensor& d) {
-  const int64_t f = d.size(-1), rows = d.numel() / f;
-  check_rows(d, torch::kBFloat16, f, "d");
-  check_rows(da, torch::kBFloat16, f, "da");
-  TORCH_CHECK(da.numel() == d.numel(), "da and d must have the same shape, got ", da.sizes(), " and ", d.sizes());
-  auto dh = torch::empty_like(d);
-  const BFloat16 *pd = d.data_ptr<BFloat16>(), *pda = da.data_ptr<BFloat16>();
-  auto sums = round_with_column_sums(rows, f, dh.data_ptr<BFloat16>(),
-                                     [&](int64_t i) { return load(pda + i) * load(pd + i); });
-  return {dh, sums};
 }
 
 namespace {
@@ -532,6 +491,65 @@ struct Scratch {
   float* floats() { return f32.data_ptr<float>(); }
 };
 
+// Loads the tile configuration for the calling thread (AMX state is per thread) and releases the tiles at the end
+// of the scope; does nothing where amx is false.
+struct Tiles {
+  const bool amx;
+  explicit Tiles(bool use_amx) : amx(use_amx) {
+    static const TileConfig config;
+    if (amx) _tile_loadconfig(&config);
+  }
+  ~Tiles() {
+    if (amx) _tile_release();
+  }
+};
+
+// The weight gradient gᵀ·x [out, in] (float32) of a dense layer, summed by the kernel that computes its output
+// gradient g ([rows, out] bfloat16) while each block of g's rows is in cache: gᵀ never goes to memory and no
+// matmul reads g back. Each worker adds its blocks into its own float32 sum on the tiles (AMX, else AVX-512 FMAs);
+// total() adds those in a fixed order. x [rows, in] bfloat16 is the layer's input; out and in multiples of 16.
+struct WeightGradient {
+  const int64_t out, in, wp, ldk;  // wp: x's rows padded to the tiles' 32 columns; ldk: the most rows per block
+  const bool amx;
+  torch::Tensor sums;
+  WeightGradient(int64_t out_features, int64_t in_features, int64_t max_rows, bool use_amx)
+      : out(out_features), in(in_features), wp(round_up(in, 32)), ldk(round_up(max_rows, 32)), amx(use_amx),
+        sums(torch::zeros({at::get_num_threads(), out, in}, torch::kFloat)) {
+    TORCH_CHECK(out % 16 == 0 && in % 16 == 0, "weight gradient: widths must be multiples of 16, got ", out, " and ", in);
+  }
+  torch::Tensor total() const { return sums.sum(0); }
+
+  // One worker's share (in the worker's thread, tiles loaded): add(g, x, count) adds g[0, count)ᵀ · x[0, count).
+  class Worker {
+   public:
+    explicit Worker(const WeightGradient& w)
+        : w_(w), scratch_(w.out * w.ldk + 2 * w.ldk * w.wp, 0),
+          sum_(w.sums.data_ptr<float>() + at::get_thread_num() * w.out * w.in) {}
+    // g's rows transposed (from cache) and x's rows in pairs, both zero-padded to 32 rows, then one product.
+    void add(const BFloat16* g, const BFloat16* x, int64_t count) {
+      TORCH_CHECK(count <= w_.ldk, "weight gradient: more rows than the block holds");
+      const int64_t depth = round_up(count, 32);
+      BFloat16 *g_t = scratch_.values(), *xs = g_t + w_.out * w_.ldk, *x_pairs = xs + w_.ldk * w_.wp;
+      transpose_rows(g, w_.out, count, w_.out, g_t, w_.ldk);
+      for (int64_t c = 0; c < w_.out && count < depth; ++c)
+        std::memset(g_t + c * w_.ldk + count, 0, (depth - count) * sizeof(BFloat16));
+      for (int64_t r = 0; r < depth; ++r) {
+        if (r < count)
+          std::memcpy(xs + r * w_.wp, x + r * w_.in, w_.in * sizeof(BFloat16));
+        else
+          std::memset(xs + r * w_.wp, 0, w_.in * sizeof(BFloat16));
+      }
+      tile_pairs_of_rows(xs, depth, w_.wp, x_pairs);
+      (w_.amx ? tile_matmul : vector_matmul)(g_t, w_.ldk, x_pairs, 2 * w_.wp, sum_, w_.in, w_.out, w_.in, depth, true);
+    }
+
+   private:
+    const WeightGradient& w_;
+    Scratch scratch_;
+    float* sum_;
+  };
+};
+
 // Rows i < n of p = softmax(scale · score) (score float32 [n][ld], overwritten with the exponentials; p bfloat16
 // [n][ld] and, rows n apart, p_out).
 void softmax_rows(float* score, int64_t n, int64_t ld, float scale, BFloat16* p, BFloat16* p_out) {
@@ -611,8 +629,8 @@ std::vector<torch::Tensor> attention_fwd(const torch::Tensor& qkv, const torch::
 // Backward of attention_fwd for the output gradient do [B, N, D] (bfloat16), given x [B, N, D] (bfloat16), the input
 // of the qkv layer: dqkv [B, N, 3 * D] bfloat16, the qkv weight gradient dqkvᵀ·x [3 * D, D] float32 and the bias
 // gradient, dqkv's column sums. dv = pᵀ·do, dp = do·vᵀ, ds = scale · p ⊙ (dp − rowsum(p ⊙ dp)), dq = ds·k,
-// dk = dsᵀ·q. Each worker adds its images' share of the weight gradient on the tiles, kWgradRows rows of dqkv at a
-// time, transposed from cache, into its own float32 sum: dqkvᵀ never goes to memory, and no matmul reads it back.
+// dk = dsᵀ·q. The weight gradient is summed as WeightGradient does, kWgradRows or more rows of dqkv at a time
+// (whole images; a multiple of 32 rows but at the end of a worker's images, the rest carried to the next block).
 std::vector<torch::Tensor> attention_bwd(const torch::Tensor& dout, const torch::Tensor& qkv, const torch::Tensor& b,
                                          const torch::Tensor& p, const torch::Tensor& x, int64_t heads, double scale,
                                          bool amx) {
@@ -623,10 +641,8 @@ std::vector<torch::Tensor> attention_bwd(const torch::Tensor& dout, const torch:
   TORCH_CHECK(p.scalar_type() == torch::kBFloat16 && p.is_contiguous() && p.numel() == s.batch * heads * n * n,
               "p: expected contiguous bfloat16 [B, H, N, N]");
   TORCH_CHECK(x.numel() == dout.numel(), "x: expected as many rows as do");
-  // The weight gradient's operands: wp = x's row padded to the tiles' 32 columns, ldk = the most rows per product.
-  const int64_t wp = round_up(width, 32), ldk = round_up(kWgradRows + n, 32);
   auto dqkv = torch::empty_like(qkv);
-  auto dw = torch::zeros({at::get_num_threads(), d3, width}, qkv.options().dtype(torch::kFloat));
+  const WeightGradient dw(d3, width, kWgradRows + n, amx);
   ColumnSums sums(d3);
   const BFloat16 *pqkv = qkv.data_ptr<BFloat16>(), *pdo = dout.data_ptr<BFloat16>(), *pp = p.data_ptr<BFloat16>();
   const BFloat16* px = x.data_ptr<BFloat16>();
@@ -634,31 +650,13 @@ std::vector<torch::Tensor> attention_bwd(const torch::Tensor& dout, const torch:
   BFloat16* pd = dqkv.data_ptr<BFloat16>();
   at::parallel_for(0, s.batch, 1, [&](int64_t first, int64_t last) {
     s.on_tiles([&] {
-      Scratch w(s.staged + 5 * np * e + 4 * np * np + d3 * ldk + 2 * ldk * wp, np * np + np * e);
+      Scratch w(s.staged + 5 * np * e + 4 * np * np, np * np + np * e);
       BFloat16 *img = w.values(), *q = img + s.staged, *k = q + np * e, *v = k + np * e, *dov = v + np * e;
       BFloat16 *pairs = dov + np * e, *prob = pairs + np * e, *prob_t = prob + np * np, *ds = prob_t + np * np;
-      BFloat16 *ds_t = ds + np * np, *rows_t = ds_t + np * np, *xs = rows_t + d3 * ldk, *x_pairs = xs + ldk * wp;
-      float *dp = w.floats(), *out = dp + np * np;
-      const int64_t tid = at::get_thread_num();
-      float *colsum = sums.row(tid), *dw_sum = dw.data_ptr<float>() + tid * d3 * width;
-      int64_t done = first * n;  // rows of dqkv in dw_sum so far
-      // dw_sum += dqkv[done, upto)ᵀ · x[done, upto), for the most rows that are a multiple of 32, or at the end for
-      // all of them: rows_t = dqkv's rows transposed (from cache) and xs = x's rows, both zero-padded to 32 rows.
-      auto add_weight_gradient = [&](int64_t upto, bool end) {
-        const int64_t count = end ? upto - done : (upto - done) / 32 * 32, depth = round_up(count, 32);
-        transpose_rows(pd + done * d3, d3, count, d3, rows_t, ldk);
-        for (int64_t r = 0; r < depth; ++r) {
-          if (r < count)
-            std::memcpy(xs + r * wp, px + (done + r) * width, width * sizeof(BFloat16));
-          else
-            std::memset(xs + r * wp, 0, width * sizeof(BFloat16));
-        }
-        for (int64_t c = 0; c < d3 && count < depth; ++c)
-          std::memset(rows_t + c * ldk + count, 0, (depth - count) * sizeof(BFloat16));
-        tile_pairs_of_rows(xs, depth, wp, x_pairs);
-        s.matmul(rows_t, ldk, x_pairs, 2 * wp, dw_sum, width, d3, width, depth, true);
-        done += count;
-      };
+      BFloat16* ds_t = ds + np * np;
+      float *dp = w.floats(), *out = dp + np * np, *colsum = sums.row(at::get_thread_num());
+      WeightGradient::Worker weights(dw);
+      int64_t done = first * n;  // rows of dqkv in the weight gradient so far
       for (int64_t bi = first; bi < last; ++bi) {
         BFloat16* grad = pd + bi * n * d3;  // this image's rows of dqkv
         s.stage(pqkv, pb, bi, img);
@@ -685,11 +683,75 @@ std::vector<torch::Tensor> attention_bwd(const torch::Tensor& dout, const torch:
         for (int64_t i = 0; i < n; ++i)  // bias gradient: the rounded values
           for (int64_t c = 0; c < d3; c += kLanes) store(colsum + c, load(colsum + c) + load(grad + i * d3 + c));
         const int64_t upto = (bi + 1) * n;
-        if (bi + 1 == last || upto - done >= kWgradRows) add_weight_gradient(upto, bi + 1 == last);
+        if (bi + 1 == last || upto - done >= kWgradRows) {
+          const int64_t count = bi + 1 == last ? upto - done : (upto - done) / 32 * 32;
+          weights.add(pd + done * d3, px + done * width, count);
+          done += count;
+        }
       }
     });
   });
-  return {dqkv, dw.sum(0), sums.total()};
+  return {dqkv, dw.total(), sums.total()};
+}
+
+namespace {
+// out[r][j] = value(r * cols + j) (16 float32 values from a flat index) rounded to bfloat16, over rows in parallel;
+// returns the column sums of the float32 values and outᵀ·x: a dense layer's output gradient (out, [rows, cols])
+// with its bias and weight gradients, x [rows, in] being the layer's input.
+template <typename Value>
+std::vector<torch::Tensor> round_with_sums(int64_t rows, int64_t cols, BFloat16* out, const Value& value,
+                                           const torch::Tensor& x, bool amx) {
+  check_rows(x, torch::kBFloat16, x.size(-1), "x");
+  TORCH_CHECK(x.numel() / x.size(-1) == rows, "x: expected ", rows, " rows, got ", x.numel() / x.size(-1));
+  TORCH_CHECK(!amx || amx_ready(), "AMX asked for but unavailable (it needs Sapphire Rapids or later, Linux ≥ 5.16)");
+  const int64_t in = x.size(-1);
+  const BFloat16* px = x.data_ptr<BFloat16>();
+  ColumnSums sums(cols);
+  const WeightGradient dw(cols, in, kTile, amx);
+  at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
+    const Tiles tiles(amx);
+    WeightGradient::Worker weights(dw);
+    float* s = sums.row(at::get_thread_num());
+    for (int64_t r0 = begin; r0 < end; r0 += kTile) {
+      const int64_t r1 = std::min(end, r0 + kTile);
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t j = 0; j < cols; j += kLanes) {
+          const Vec v = value(r * cols + j);
+          store(out + r * cols + j, v);
+          store(s + j, load(s + j) + v);
+        }
+      weights.add(out + r0 * cols, px + r0 * in, r1 - r0);
+    }
+  });
+  return {sums.total(), dw.total()};
+}
+}  // namespace
+
+// g in bfloat16, its column sums and gᵀ·x (x bfloat16 [rows, in]): the output, bias and weight gradients of a
+// dense layer with input x from a float32 gradient.
+std::vector<torch::Tensor> cast_colsum(const torch::Tensor& g, const torch::Tensor& x, bool amx) {
+  const int64_t d = g.size(-1), rows = g.numel() / d;
+  check_rows(g, torch::kFloat, d, "g");
+  auto out = torch::empty(g.sizes(), g.options().dtype(torch::kBFloat16));
+  const float* pg = g.data_ptr<float>();
+  auto sums = round_with_sums(rows, d, out.data_ptr<BFloat16>(), [&](int64_t i) { return load(pg + i); }, x, amx);
+  return {out, sums[0], sums[1]};
+}
+
+// dh = da * d (both bfloat16, e.g. a gradient and the derivative bias_gelu_fwd saved) rounded to bfloat16, the
+// column sums of the float32 products and dhᵀ·x (x bfloat16 [rows, in]): the bias and weight gradients of the
+// dense layer with input x whose output gradient dh is.
+std::vector<torch::Tensor> mul_colsum(const torch::Tensor& da, const torch::Tensor& d, const torch::Tensor& x,
+                                      bool amx) {
+  const int64_t f = d.size(-1), rows = d.numel() / f;
+  check_rows(d, torch::kBFloat16, f, "d");
+  check_rows(da, torch::kBFloat16, f, "da");
+  TORCH_CHECK(da.numel() == d.numel(), "da and d must have the same shape, got ", da.sizes(), " and ", d.sizes());
+  auto dh = torch::empty_like(d);
+  const BFloat16 *pd = d.data_ptr<BFloat16>(), *pda = da.data_ptr<BFloat16>();
+  auto sums = round_with_sums(rows, f, dh.data_ptr<BFloat16>(),
+                              [&](int64_t i) { return load(pda + i) * load(pd + i); }, x, amx);
+  return {dh, sums[0], sums[1]};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
