@@ -7,7 +7,7 @@ shapes, ᵀ marking a transposed view). Per call it also counts the bytes of the
 kernels' own scratch, which stays in cache, is not counted) and, for matmuls, the FLOPs: bytes per second beside the
 machine's copy bandwidth (a 256 MiB float32 copy, measured in the same run) tells the calls bound by memory from
 the ones bound by arithmetic. "everything else" is the rest of the step: patch embedding, head, loss, AdamW,
-autograd. A timer adds about a microsecond to each of the ~240 calls of a Ti/4 step.
+autograd. A timer adds about a microsecond to each of the ~230 calls of a Ti/4 step.
 
     python benchmarks/step_breakdown.py
     python benchmarks/step_breakdown.py --variant S/16 --image-size 224 --batch 32 --steps 3

@@ -69,13 +69,14 @@ def test_layer_norm_kernels_and_the_residual_they_carry(ops):
     dy, g = torch.randn(4, 9, 64, generator=gen).bfloat16(), torch.randn(4, 9, 64, generator=gen)
     wd, bd = w.double().requires_grad_(True), b.double().requires_grad_(True)
     F.layer_norm(exact, (64,), wd, bd, 1e-6).backward(dy.double())
-    g_out, dw, db, g_bf16, g_bf16_t, g_sums = ops.layer_norm_bwd(dy, x, mean, rstd, w, g, True)
+    g_out, dw, db = ops.layer_norm_bwd(dy, x, mean, rstd, w, g, None, False)
     torch.testing.assert_close(g_out.double(), g.double() + exact.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dw.double(), wd.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(db.double(), bd.grad, rtol=1e-5, atol=1e-5)
-    assert torch.equal(g_bf16, g_out.bfloat16())
-    assert torch.equal(g_bf16_t, g_bf16.view(-1, 64).t())
-    torch.testing.assert_close(g_sums, g_out.sum((0, 1)), rtol=1e-5, atol=1e-5)
+    # given the input of the dense layer before (proj's), also that layer's gradients (test_gradient_kernels_...)
+    dense_input = torch.randn(4, 9, 32, generator=gen).bfloat16()
+    g_out_too, *_ = ops.layer_norm_bwd(dy, x, mean, rstd, w, g, dense_input, False)
+    assert torch.equal(g_out_too, g_out)
 
 
 def assert_float32_sums(got: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -150,25 +151,13 @@ def test_attention_kernels_reject_what_they_do_not_handle(ops):
         )
 
 
-@pytest.mark.parametrize("rows", [1, 16, 77, 8320])
-def test_layer_norm_bwd_stores_the_transpose_the_weight_gradient_reads(ops, rows):
-    """Whole and partial 128-row tiles: the transposed copy equals the gradient's transpose exactly."""
-    gen = torch.Generator().manual_seed(rows)
-    x, g = torch.randn(2, rows, 48, generator=gen)
-    dy = torch.randn(rows, 48, generator=gen).bfloat16()
-    _, mean, rstd = ops.layer_norm_fwd(x, torch.ones(48), torch.zeros(48), 1e-6)
-    g_out, _, _, g_bf16, g_bf16_t, sums = ops.layer_norm_bwd(dy, x, mean, rstd, torch.ones(48), g, True)
-    assert torch.equal(g_bf16_t, g_bf16.t())
-    torch.testing.assert_close(sums.double(), g_out.double().sum(0), rtol=1e-5, atol=rows * 1e-6)
-
-
 # Ti/4's fc2 (192 ← 768) and fc1 (768 ← 192) over a batch's 8320 rows, and partial blocks of 32 and 128 rows with
 # widths that pad to the tiles' 32 columns.
 @pytest.mark.parametrize("rows, out, inputs", [(8320, 192, 768), (8320, 768, 192), (1, 16, 16), (77, 48, 80)])
 @pytest.mark.parametrize("amx", [True, False], ids=["amx", "avx512"])
 def test_gradient_kernels_sum_the_weight_gradient(ops, rows, out, inputs, amx):
-    """cast_colsum and mul_colsum: a dense layer's output gradient g in bf16 with its bias gradient (column sums)
-    and weight gradient gᵀ·x, summed in float32 from the rounded g over each worker's blocks of rows."""
+    """cast_colsum, mul_colsum and layer_norm_bwd: a dense layer's output gradient g in bf16 with its bias gradient
+    (column sums) and weight gradient gᵀ·x, summed in float32 from the rounded g over each worker's blocks of rows."""
     if amx and not ops.amx_ready():
         pytest.skip("no AMX on this CPU: the AVX-512 case covers the kernels")
     gen = torch.Generator().manual_seed(rows + out)
@@ -178,7 +167,13 @@ def test_gradient_kernels_sum_the_weight_gradient(ops, rows, out, inputs, amx):
     torch.testing.assert_close(bias_grad.double(), g.double().sum(0), rtol=1e-5, atol=rows * 1e-7)
     da, d = torch.randn(2, rows, out, generator=gen).bfloat16()
     dh, _, weight_grad_mul = ops.mul_colsum(da, d, x, amx)
-    for got, grad in ((weight_grad, g_bf16), (weight_grad_mul, dh)):
+    # the residual branch's gradient after a layer norm: g + the layer norm's input gradient
+    ln_input = torch.randn(rows, out, generator=gen)
+    _, mean, rstd = ops.layer_norm_fwd(ln_input, torch.ones(out), torch.zeros(out), 1e-6)
+    g_out, _, _, g_out_bf16, sums, weight_grad_ln = ops.layer_norm_bwd(da, ln_input, mean, rstd, torch.ones(out), g, x, amx)  # fmt: skip
+    assert torch.equal(g_out_bf16, g_out.bfloat16())
+    torch.testing.assert_close(sums.double(), g_out.double().sum(0), rtol=1e-5, atol=rows * 1e-6)
+    for got, grad in ((weight_grad, g_bf16), (weight_grad_mul, dh), (weight_grad_ln, g_out_bf16)):
         assert got.dtype == torch.float32 and got.shape == (out, inputs)
         assert_float32_sums(got, grad.view(-1, out).t(), x.view(-1, inputs))
 

@@ -134,22 +134,20 @@ class _FusedBlock(torch.autograd.Function):
         ln1_w, w_qkv, qkv_b, w_proj, ln2_w, w_fc1, w_fc2 = ctx.params
         (b, n, d), heads = x.shape, ctx.heads
         # MLP branch: out = x1 + fc2(GELU(fc1(h2))).
-        # The kernels that compute a layer's output gradient also sum its weight gradient gᵀ·x on the tiles, block
-        # by block while g is in cache (cast_colsum: fc2, mul_colsum: fc1, attention_bwd: qkv): oneDNN ran these
-        # products at half its rate for the others, through g's transposed view (or a transposed copy of g the
-        # kernel had to write). proj's, the narrowest, still reads the copy layer_norm_bwd writes ([out, rows]).
+        # The kernels that compute a dense layer's output gradient g also sum its weight gradient gᵀ·x on the
+        # tiles, block by block while g is in cache (cast_colsum: fc2, mul_colsum: fc1, layer_norm_bwd: proj,
+        # attention_bwd: qkv): oneDNN ran these products through g's transposed view at half its rate for the
+        # others, or from a transposed copy of g that the kernel had to write.
         dy2, db_fc2, dw_fc2 = ops.cast_colsum(g.contiguous(), a, _amx)
         dy2 = dy2.view(-1, d)
         dz, db_fc1, dw_fc1 = ops.mul_colsum(torch.mm(dy2, w_fc2), gelu_grad, h2, _amx)
-        g1, dln2_w, dln2_b, dy1, dy1_t, db_proj = ops.layer_norm_bwd(
-            torch.mm(dz, w_fc1).view(b, n, d), x1, mean2, rstd2, ln2_w, g, True
+        g1, dln2_w, dln2_b, dy1, db_proj, dw_proj = ops.layer_norm_bwd(
+            torch.mm(dz, w_fc1).view(b, n, d), x1, mean2, rstd2, ln2_w, g, o, _amx
         )
         # Attention branch: x1 = x + proj(softmax(scale·q·kᵀ)·v).
-        dy1 = dy1.view(-1, d)
-        dw_proj = torch.mm(dy1_t, o.view(-1, d))
-        do = torch.mm(dy1, w_proj).view(b, n, d)
+        do = torch.mm(dy1.view(-1, d), w_proj).view(b, n, d)
         dqkv, dw_qkv, db_qkv = ops.attention_bwd(do, qkv, qkv_b, p, h1, heads, scale, _amx)
         dqkv = dqkv.view(-1, 3 * d)
-        gx, dln1_w, dln1_b = ops.layer_norm_bwd(torch.mm(dqkv, w_qkv).view(b, n, d), x, mean1, rstd1, ln1_w, g1, False)  # fmt: skip
+        gx, dln1_w, dln1_b = ops.layer_norm_bwd(torch.mm(dqkv, w_qkv).view(b, n, d), x, mean1, rstd1, ln1_w, g1, None, _amx)  # fmt: skip
         grads = (dw_qkv, db_qkv, dw_proj, db_proj, dln2_w, dln2_b, dw_fc1, db_fc1, dw_fc2, db_fc2)
         return (gx, dln1_w, dln1_b, *(t.float() for t in grads), None, None)

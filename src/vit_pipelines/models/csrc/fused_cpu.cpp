@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 namespace {
@@ -110,26 +111,6 @@ inline void transpose_rows(const BFloat16* src, int64_t ld_src, int64_t n, int64
     for (int64_t c = 0; c < cols; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
 }
 
-// Runs body(r0, r1, tid) over tiles of kTile rows in parallel; where dst_t is given, then copies the tile's rows of
-// src ([rows, cols] bfloat16, just written by body and still in L2) transposed into dst_t ([cols, rows]). The
-// weight gradient gᵀ·x of a dense layer runs up to twice as fast with gᵀ stored than with g's transposed view.
-constexpr int64_t kTile = 128;
-template <typename Body>
-void for_row_tiles(int64_t rows, int64_t cols, const BFloat16* src, BFloat16* dst_t, const Body& body) {
-  at::parallel_for(0, (rows + kTile - 1) / kTile, 1, [&](int64_t first, int64_t last) {
-    const int64_t tid = at::get_thread_num();
-    for (int64_t tile = first; tile < last; ++tile) {
-      const int64_t r0 = tile * kTile, r1 = std::min(rows, r0 + kTile);
-      body(r0, r1, tid);
-      if (dst_t != nullptr) transpose_rows(src + r0 * cols, cols, r1 - r0, cols, dst_t + r0, rows);
-    }
-  });
-}
-
-torch::Tensor empty_transposed(const torch::Tensor& t) {
-  return torch::empty({t.size(-1), t.numel() / t.size(-1)}, t.options());
-}
-
 }  // namespace
 
 // y = LayerNorm(x) * w + b, rounded to bfloat16; x float32 [..., D]. Returns (y, mean, rstd), the statistics
@@ -162,64 +143,6 @@ std::vector<torch::Tensor> layer_norm_fwd(const torch::Tensor& x, const torch::T
     }
   });
   return {y, mean, rstd};
-}
-
-// Backward of layer_norm_fwd plus the residual branch it sits on: g_out = g + dx (float32), where dx is the
-// layer norm's input gradient for the output gradient dy (bfloat16). Returns (g_out, dw, db) and, when asked,
-// g_out in bfloat16, also transposed ([D, rows]), and its column sums (the gradient and bias gradient of the
-// dense layer feeding x).
-std::vector<torch::Tensor> layer_norm_bwd(const torch::Tensor& dy, const torch::Tensor& x,
-                                          const torch::Tensor& mean, const torch::Tensor& rstd,
-                                          const torch::Tensor& w, const torch::Tensor& g, bool want_bf16) {
-  const int64_t d = x.size(-1), rows = x.numel() / d;
-  check_rows(dy, torch::kBFloat16, d, "dy");
-  check_rows(x, torch::kFloat, d, "x");
-  check_rows(g, torch::kFloat, d, "g");
-  auto g_out = torch::empty_like(g);
-  auto g_bf16 = want_bf16 ? torch::empty(g.sizes(), g.options().dtype(torch::kBFloat16)) : torch::Tensor();
-  auto g_bf16_t = want_bf16 ? empty_transposed(g_bf16) : torch::Tensor();
-  ColumnSums dw_sums(d), db_sums(d), g_sums(d);
-  const auto *pdy = dy.data_ptr<BFloat16>();
-  const float *px = x.data_ptr<float>(), *pg = g.data_ptr<float>(), *pw = w.data_ptr<float>();
-  const float *pmean = mean.data_ptr<float>(), *prstd = rstd.data_ptr<float>();
-  float* pout = g_out.data_ptr<float>();
-  BFloat16* pbf = want_bf16 ? g_bf16.data_ptr<BFloat16>() : nullptr;
-  for_row_tiles(rows, d, pbf, want_bf16 ? g_bf16_t.data_ptr<BFloat16>() : nullptr, [&](int64_t begin, int64_t end,
-                                                                                   int64_t tid) {
-    float *dw = dw_sums.row(tid), *db = db_sums.row(tid), *gs = g_sums.row(tid);
-    for (int64_t r = begin; r < end; ++r) {
-      const float mu = pmean[r], rs = prstd[r];
-      const float* xr = px + r * d;
-      const BFloat16* dyr = pdy + r * d;
-      Vec s1(0.f), s2(0.f);  // sums of dy*w and dy*w*xhat over the row
-      for (int64_t j = 0; j < d; j += kLanes) {
-        const Vec dyv = load(dyr + j), xhat = (load(xr + j) - Vec(mu)) * Vec(rs);
-        const Vec dyw = dyv * load(pw + j);
-        s1 += dyw;
-        s2 = at::vec::fmadd(dyw, xhat, s2);
-        store(dw + j, at::vec::fmadd(dyv, xhat, load(dw + j)));
-        store(db + j, load(db + j) + dyv);
-      }
-      const float m1 = hsum(s1) / d, m2 = hsum(s2) / d;
-      for (int64_t j = 0; j < d; j += kLanes) {
-        const Vec xhat = (load(xr + j) - Vec(mu)) * Vec(rs);
-        const Vec dx = Vec(rs) * (load(dyr + j) * load(pw + j) - Vec(m1) - xhat * Vec(m2));
-        const Vec out = load(pg + r * d + j) + dx;
-        store(pout + r * d + j, out);
-        if (pbf != nullptr) {
-          store(pbf + r * d + j, out);
-          store(gs + j, load(gs + j) + out);
-        }
-      }
-    }
-  });
-  std::vector<torch::Tensor> result{g_out, dw_sums.total(), db_sums.total()};
-  if (want_bf16) {
-    result.push_back(g_bf16);
-    result.push_back(g_bf16_t);
-    result.push_back(g_sums.total());
-  }
-  return result;
 }
 
 // x + (y + b): the residual add after a dense layer whose matmul ran without its bias; x float32, y bfloat16.
@@ -310,6 +233,7 @@ bool amx_ready() {
 
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
+constexpr int64_t kTile = 128;  // rows per block of the kernels that sum a weight gradient (WeightGradient)
 // Rows of dqkv per weight-gradient product in attention_bwd: 32-512 ran alike (Ti/4, batch 128, step breakdown).
 constexpr int64_t kWgradRows = 128;
 
@@ -694,64 +618,129 @@ std::vector<torch::Tensor> attention_bwd(const torch::Tensor& dout, const torch:
   return {dqkv, dw.total(), sums.total()};
 }
 
+// The kernels that compute a dense layer's output gradient g and sum its weight gradient (WeightGradient) as they go.
 namespace {
-// out[r][j] = value(r * cols + j) (16 float32 values from a flat index) rounded to bfloat16, over rows in parallel;
-// returns the column sums of the float32 values and outᵀ·x: a dense layer's output gradient (out, [rows, cols])
-// with its bias and weight gradients, x [rows, in] being the layer's input.
-template <typename Value>
-std::vector<torch::Tensor> round_with_sums(int64_t rows, int64_t cols, BFloat16* out, const Value& value,
-                                           const torch::Tensor& x, bool amx) {
+// Runs body(r0, r1, tid) over blocks of up to kTile rows in parallel (each worker's blocks contiguous), then, where
+// dw is given, adds the block's rows of g ([rows, dw->out] bfloat16, just written by body) and x to dw.
+template <typename Body>
+void for_row_blocks(int64_t rows, const WeightGradient* dw, const BFloat16* g, const BFloat16* x, const Body& body) {
+  at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
+    const Tiles tiles(dw != nullptr && dw->amx);
+    std::optional<WeightGradient::Worker> weights;
+    if (dw != nullptr) weights.emplace(*dw);
+    for (int64_t r0 = begin; r0 < end; r0 += kTile) {
+      const int64_t r1 = std::min(end, r0 + kTile);
+      body(r0, r1, at::get_thread_num());
+      if (dw != nullptr) weights->add(g + r0 * dw->out, x + r0 * dw->in, r1 - r0);
+    }
+  });
+}
+
+// The weight gradient of a dense layer with input x ([rows, in] bfloat16) and output gradient [rows, out].
+WeightGradient weight_gradient(const torch::Tensor& x, int64_t rows, int64_t out, bool amx) {
   check_rows(x, torch::kBFloat16, x.size(-1), "x");
   TORCH_CHECK(x.numel() / x.size(-1) == rows, "x: expected ", rows, " rows, got ", x.numel() / x.size(-1));
   TORCH_CHECK(!amx || amx_ready(), "AMX asked for but unavailable (it needs Sapphire Rapids or later, Linux ≥ 5.16)");
-  const int64_t in = x.size(-1);
-  const BFloat16* px = x.data_ptr<BFloat16>();
+  return WeightGradient(out, x.size(-1), kTile, amx);
+}
+
+// out[r][j] = value(r * cols + j) (16 float32 values from a flat index) rounded to bfloat16, over rows in parallel;
+// returns out, the column sums of the float32 values and outᵀ·x: a dense layer's output gradient with its bias and
+// weight gradients, x being the layer's input.
+template <typename Value>
+std::vector<torch::Tensor> round_with_sums(torch::Tensor out, const Value& value, const torch::Tensor& x, bool amx) {
+  const int64_t cols = out.size(-1), rows = out.numel() / cols;
+  auto* po = out.data_ptr<BFloat16>();
   ColumnSums sums(cols);
-  const WeightGradient dw(cols, in, kTile, amx);
-  at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
-    const Tiles tiles(amx);
-    WeightGradient::Worker weights(dw);
-    float* s = sums.row(at::get_thread_num());
-    for (int64_t r0 = begin; r0 < end; r0 += kTile) {
-      const int64_t r1 = std::min(end, r0 + kTile);
-      for (int64_t r = r0; r < r1; ++r)
-        for (int64_t j = 0; j < cols; j += kLanes) {
-          const Vec v = value(r * cols + j);
-          store(out + r * cols + j, v);
-          store(s + j, load(s + j) + v);
-        }
-      weights.add(out + r0 * cols, px + r0 * in, r1 - r0);
-    }
+  const WeightGradient dw = weight_gradient(x, rows, cols, amx);
+  for_row_blocks(rows, &dw, po, x.data_ptr<BFloat16>(), [&](int64_t r0, int64_t r1, int64_t tid) {
+    float* s = sums.row(tid);
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t j = 0; j < cols; j += kLanes) {
+        const Vec v = value(r * cols + j);
+        store(po + r * cols + j, v);
+        store(s + j, load(s + j) + v);
+      }
   });
-  return {sums.total(), dw.total()};
+  return {out, sums.total(), dw.total()};
 }
 }  // namespace
 
 // g in bfloat16, its column sums and gᵀ·x (x bfloat16 [rows, in]): the output, bias and weight gradients of a
 // dense layer with input x from a float32 gradient.
 std::vector<torch::Tensor> cast_colsum(const torch::Tensor& g, const torch::Tensor& x, bool amx) {
-  const int64_t d = g.size(-1), rows = g.numel() / d;
-  check_rows(g, torch::kFloat, d, "g");
-  auto out = torch::empty(g.sizes(), g.options().dtype(torch::kBFloat16));
+  check_rows(g, torch::kFloat, g.size(-1), "g");
   const float* pg = g.data_ptr<float>();
-  auto sums = round_with_sums(rows, d, out.data_ptr<BFloat16>(), [&](int64_t i) { return load(pg + i); }, x, amx);
-  return {out, sums[0], sums[1]};
+  return round_with_sums(torch::empty(g.sizes(), g.options().dtype(torch::kBFloat16)),
+                         [&](int64_t i) { return load(pg + i); }, x, amx);
 }
 
 // dh = da * d (both bfloat16, e.g. a gradient and the derivative bias_gelu_fwd saved) rounded to bfloat16, the
-// column sums of the float32 products and dhᵀ·x (x bfloat16 [rows, in]): the bias and weight gradients of the
-// dense layer with input x whose output gradient dh is.
+// column sums of the float32 products and dhᵀ·x (x bfloat16 [rows, in]): the output, bias and weight gradients of
+// the dense layer with input x.
 std::vector<torch::Tensor> mul_colsum(const torch::Tensor& da, const torch::Tensor& d, const torch::Tensor& x,
                                       bool amx) {
-  const int64_t f = d.size(-1), rows = d.numel() / f;
-  check_rows(d, torch::kBFloat16, f, "d");
-  check_rows(da, torch::kBFloat16, f, "da");
+  check_rows(d, torch::kBFloat16, d.size(-1), "d");
+  check_rows(da, torch::kBFloat16, d.size(-1), "da");
   TORCH_CHECK(da.numel() == d.numel(), "da and d must have the same shape, got ", da.sizes(), " and ", d.sizes());
-  auto dh = torch::empty_like(d);
   const BFloat16 *pd = d.data_ptr<BFloat16>(), *pda = da.data_ptr<BFloat16>();
-  auto sums = round_with_sums(rows, f, dh.data_ptr<BFloat16>(),
-                              [&](int64_t i) { return load(pda + i) * load(pd + i); }, x, amx);
-  return {dh, sums[0], sums[1]};
+  return round_with_sums(torch::empty_like(d), [&](int64_t i) { return load(pda + i) * load(pd + i); }, x, amx);
+}
+
+// Backward of layer_norm_fwd plus the residual branch it sits on: g_out = g + dx (float32), where dx is the
+// layer norm's input gradient for the output gradient dy (bfloat16). Returns (g_out, dw, db) and, given the input
+// of the dense layer feeding x (bfloat16 [rows, in]), g_out in bfloat16 with its column sums and g_outᵀ·input: that
+// layer's output, bias and weight gradients.
+std::vector<torch::Tensor> layer_norm_bwd(const torch::Tensor& dy, const torch::Tensor& x,
+                                          const torch::Tensor& mean, const torch::Tensor& rstd,
+                                          const torch::Tensor& w, const torch::Tensor& g,
+                                          const c10::optional<torch::Tensor>& dense_input, bool amx) {
+  const int64_t d = x.size(-1), rows = x.numel() / d;
+  check_rows(dy, torch::kBFloat16, d, "dy");
+  check_rows(x, torch::kFloat, d, "x");
+  check_rows(g, torch::kFloat, d, "g");
+  const bool dense = dense_input.has_value();
+  auto g_out = torch::empty_like(g);
+  auto g_bf16 = dense ? torch::empty(g.sizes(), g.options().dtype(torch::kBFloat16)) : torch::Tensor();
+  std::optional<WeightGradient> dense_dw;
+  if (dense) dense_dw.emplace(weight_gradient(*dense_input, rows, d, amx));
+  ColumnSums dw_sums(d), db_sums(d), g_sums(d);
+  const auto *pdy = dy.data_ptr<BFloat16>();
+  const float *px = x.data_ptr<float>(), *pg = g.data_ptr<float>(), *pw = w.data_ptr<float>();
+  const float *pmean = mean.data_ptr<float>(), *prstd = rstd.data_ptr<float>();
+  float* pout = g_out.data_ptr<float>();
+  BFloat16* pbf = dense ? g_bf16.data_ptr<BFloat16>() : nullptr;
+  const BFloat16* pin = dense ? dense_input->data_ptr<BFloat16>() : nullptr;
+  for_row_blocks(rows, dense ? &*dense_dw : nullptr, pbf, pin, [&](int64_t begin, int64_t end, int64_t tid) {
+    float *dw = dw_sums.row(tid), *db = db_sums.row(tid), *gs = g_sums.row(tid);
+    for (int64_t r = begin; r < end; ++r) {
+      const float mu = pmean[r], rs = prstd[r];
+      const float* xr = px + r * d;
+      const BFloat16* dyr = pdy + r * d;
+      Vec s1(0.f), s2(0.f);  // sums of dy*w and dy*w*xhat over the row
+      for (int64_t j = 0; j < d; j += kLanes) {
+        const Vec dyv = load(dyr + j), xhat = (load(xr + j) - Vec(mu)) * Vec(rs);
+        const Vec dyw = dyv * load(pw + j);
+        s1 += dyw;
+        s2 = at::vec::fmadd(dyw, xhat, s2);
+        store(dw + j, at::vec::fmadd(dyv, xhat, load(dw + j)));
+        store(db + j, load(db + j) + dyv);
+      }
+      const float m1 = hsum(s1) / d, m2 = hsum(s2) / d;
+      for (int64_t j = 0; j < d; j += kLanes) {
+        const Vec xhat = (load(xr + j) - Vec(mu)) * Vec(rs);
+        const Vec dx = Vec(rs) * (load(dyr + j) * load(pw + j) - Vec(m1) - xhat * Vec(m2));
+        const Vec out = load(pg + r * d + j) + dx;
+        store(pout + r * d + j, out);
+        if (pbf != nullptr) {
+          store(pbf + r * d + j, out);
+          store(gs + j, load(gs + j) + out);
+        }
+      }
+    }
+  });
+  if (!dense) return {g_out, dw_sums.total(), db_sums.total()};
+  return {g_out, dw_sums.total(), db_sums.total(), g_bf16, g_sums.total(), dense_dw->total()};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
