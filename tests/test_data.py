@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vit_pipelines.data.cache import cache_images, num_classes, split_minival
-from vit_pipelines.data.loader import StepBatchSampler, eval_loader, train_loader
+from vit_pipelines.data.loader import CachedImages, StepBatchSampler, eval_loader, train_loader
 from vit_pipelines.data.ops import PP_OPS, BadImageError, build_pp, parse_pp
 from vit_pipelines.data.sources import load_image_dataset
 
@@ -191,6 +191,25 @@ def test_train_loader_batches_are_augmented_reproducibly():
         torch.testing.assert_close(x, y)
     evaluated = list(eval_loader(cache, "value_range(0,1)", batch_size=5))
     assert [len(e["labels"]) for e in evaluated] == [5, 5, 5, 1]
+
+
+def test_loader_reads_the_rows_datasets_would_give(tmp_path):
+    """Zero-copy reads across Arrow chunks and through a split's row mapping, in this process and in workers."""
+    raw = make_raw([np.full((8, 8, 3), i, np.uint8) for i in range(40)], [i % 3 for i in range(40)])
+    cache, _ = cache_images(raw, "decode|resize(4)")
+    chunked = cache.flatten_indices(cache_file_name=str(tmp_path / "flat.arrow"), writer_batch_size=16)
+    assert chunked.data.column("image").num_chunks == 3  # 16 + 16 + 8 rows, memory-mapped
+    train, _ = split_minival(chunked, 0.25, seed=0)
+    assert train._indices is not None  # logical rows map to others in the table
+    rows = [29, 0, 5, 5, 12, 1]
+    expected = train.with_format("numpy")[rows]
+    images, labels = CachedImages(train, "value_range(0,1)").rows(rows)
+    np.testing.assert_array_equal(images, expected["image"])
+    np.testing.assert_array_equal(labels, expected["label"])
+    # two workers read the same batches as the main process
+    batches = [train_loader(train, "random_crop(3)", 4, 5, seed=2, num_workers=w) for w in (0, 2)]
+    for a, b in zip(*batches, strict=True):
+        assert torch.equal(a["images"], b["images"]) and torch.equal(a["labels"], b["labels"])
 
 
 def test_sources_read_parquet_arrow_and_imagefolder(tmp_path):
