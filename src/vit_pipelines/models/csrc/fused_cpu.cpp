@@ -4,7 +4,8 @@
 // in float32 followed by casts, bias broadcasts before every addmm, a scaled float32 softmax and its casts,
 // head (un)folding copies, GELU, and bias-gradient column sums. Each kernel here does one of those groups in a
 // single pass over rows (parallel over rows, float32 arithmetic, bfloat16 rounding once at the output), except
-// attention: attention_fwd / attention_bwd do all of it, matmuls included (AMX tiles), one image at a time.
+// attention: attention_fwd / attention_bwd do all of it, matmuls included (AMX tiles), one image at a time. The
+// kernels that produce a dense layer's output gradient also sum its weight gradient (WeightGradient).
 // Python side, and the maths each kernel implements: vit_pipelines/models/fused_cpu.py.
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -355,6 +356,19 @@ void tile_pairs_of_columns(const BFloat16* x, int64_t rows, int64_t cols, BFloat
     }
 }
 
+// Loads the tile configuration for the calling thread (AMX state is per thread) and releases the tiles at the end
+// of the scope; does nothing where amx is false.
+struct Tiles {
+  const bool amx;
+  explicit Tiles(bool use_amx) : amx(use_amx) {
+    static const TileConfig config;
+    if (amx) _tile_loadconfig(&config);
+  }
+  ~Tiles() {
+    if (amx) _tile_release();
+  }
+};
+
 // The shapes of one call: qkv [B, N, 3 * D] with D = H * Dh; per (image, head) scratch is padded to np = N and
 // e = Dh rounded up to 32 (the tiles' depth, for products that sum over tokens or head columns). Products over
 // token rows and columns only compute the first mp = N rounded up to 16 (a tile's height and width).
@@ -375,13 +389,11 @@ struct Heads {
               int64_t n, int64_t k, bool accumulate = false) const {
     (amx ? tile_matmul : vector_matmul)(a, lda, b, ldb, c, ldc, m, n, k, accumulate);
   }
-  // Per worker: loads the tile configuration (AMX state is per thread) and releases it when the work is done.
+  // Per worker: work() with the tiles configured (see Tiles).
   template <typename Work>
   void on_tiles(const Work& work) const {
-    const TileConfig config;
-    if (amx) _tile_loadconfig(&config);
+    const Tiles tiles(amx);
     work();
-    if (amx) _tile_release();
   }
   // Image bi's rows of qkv plus the bias into img [N][3D], in one sequential pass: the hardware prefetcher streams
   // it, where reading each head's columns from DRAM head by head ran ~40% slower.
@@ -413,19 +425,6 @@ struct Scratch {
       : bf16(torch::zeros({bf16_values}, torch::kBFloat16)), f32(torch::zeros({f32_values}, torch::kFloat)) {}
   BFloat16* values() { return bf16.data_ptr<BFloat16>(); }
   float* floats() { return f32.data_ptr<float>(); }
-};
-
-// Loads the tile configuration for the calling thread (AMX state is per thread) and releases the tiles at the end
-// of the scope; does nothing where amx is false.
-struct Tiles {
-  const bool amx;
-  explicit Tiles(bool use_amx) : amx(use_amx) {
-    static const TileConfig config;
-    if (amx) _tile_loadconfig(&config);
-  }
-  ~Tiles() {
-    if (amx) _tile_release();
-  }
 };
 
 // The weight gradient gᵀ·x [out, in] (float32) of a dense layer, summed by the kernel that computes its output
