@@ -238,8 +238,9 @@ constexpr int64_t kTile = 128;  // rows per block of the kernels that sum a weig
 // Rows of dqkv per weight-gradient product in attention_bwd: 32-512 ran alike (Ti/4, batch 128, step breakdown).
 constexpr int64_t kWgradRows = 128;
 
-// c[m x n] (float32, row stride ldc) = a[m x k] (bf16, row stride lda) · b (+ c where accumulate), with b given as pair rows
-// (tile_pairs_of_rows / tile_pairs_of_columns, row stride ldb ≥ 2n bf16). m, n multiples of 16; k of 32. Each step
+// c[m x n] (float32, row stride ldc) = a[m x k] (bf16, row stride lda) · b, plus c's own values where accumulate,
+// with b given as pair rows (tile_pairs_of_rows / tile_pairs_of_columns, row stride ldb ≥ 2n bf16). m, n multiples
+// of 16; k of 32. Each step
 // computes a 32 x 32 block of c in four accumulator tiles from two tiles of a and two of b (at the last row or
 // column of blocks, 16 wide where m or n is an odd multiple of 16: the tile ops are not asked for the missing half).
 void tile_matmul(const BFloat16* a, int64_t lda, const BFloat16* b, int64_t ldb, float* c, int64_t ldc, int64_t m,
