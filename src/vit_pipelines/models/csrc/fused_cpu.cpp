@@ -439,7 +439,8 @@ struct WeightGradient {
   WeightGradient(int64_t out_features, int64_t in_features, int64_t max_rows, bool use_amx)
       : out(out_features), in(in_features), wp(round_up(in, 32)), ldk(round_up(max_rows, 32)), amx(use_amx),
         sums(torch::zeros({at::get_num_threads(), out, in}, torch::kFloat)) {
-    TORCH_CHECK(out % 16 == 0 && in % 16 == 0, "weight gradient: widths must be multiples of 16, got ", out, " and ", in);
+    TORCH_CHECK(out % 16 == 0 && in % 16 == 0, "weight gradient: widths must be multiples of 16, got ", out, " and ",
+                in);
   }
   torch::Tensor total() const { return sums.sum(0); }
 
