@@ -231,6 +231,9 @@ bool amx_ready() {
   static const bool ok = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
   return ok;
 }
+void check_amx(bool amx) {
+  TORCH_CHECK(!amx || amx_ready(), "AMX asked for but unavailable (it needs Sapphire Rapids or later, Linux ≥ 5.16)");
+}
 
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
@@ -307,6 +310,12 @@ void vector_matmul(const BFloat16* a, int64_t lda, const BFloat16* b, int64_t ld
     }
 }
 
+// c = a · b (+ c where accumulate) on the AMX tiles (tile_matmul), or with AVX-512 FMAs (vector_matmul).
+void multiply(bool amx, const BFloat16* a, int64_t lda, const BFloat16* b, int64_t ldb, float* c, int64_t ldc,
+              int64_t m, int64_t n, int64_t k, bool accumulate) {
+  (amx ? tile_matmul : vector_matmul)(a, lda, b, ldb, c, ldc, m, n, k, accumulate);
+}
+
 // B operand for a · x (x bf16 [rows][cols], rows even, cols a multiple of 32): out row t interleaves rows 2t and
 // 2t + 1 of x, (x[2t][0], x[2t + 1][0], x[2t][1], ...), row stride 2 * cols.
 void tile_pairs_of_rows(const BFloat16* x, int64_t rows, int64_t cols, BFloat16* out) {
@@ -381,14 +390,14 @@ struct Heads {
     batch = qkv.size(0), tokens = qkv.size(1), width = qkv.size(2) / 3, dh = width / h;
     check_rows(qkv, torch::kBFloat16, 3 * width, "qkv");
     TORCH_CHECK(dh % kLanes == 0, "head width must be a multiple of ", kLanes, ", got ", dh);
-    TORCH_CHECK(!amx || amx_ready(), "AMX asked for but unavailable (it needs Sapphire Rapids or later, Linux ≥ 5.16)");
+    check_amx(amx);
     np = round_up(tokens, 32), mp = round_up(tokens, 16), e = round_up(dh, 32);
     staged = round_up(tokens * 3 * width, 32);  // the image's qkv rows in scratch, in whole 64-byte lines
   }
-  // c = a · b (see tile_matmul) on the AMX tiles, or with AVX-512 FMAs.
+  // c = a · b (see multiply).
   void matmul(const BFloat16* a, int64_t lda, const BFloat16* b, int64_t ldb, float* c, int64_t ldc, int64_t m,
-              int64_t n, int64_t k, bool accumulate = false) const {
-    (amx ? tile_matmul : vector_matmul)(a, lda, b, ldb, c, ldc, m, n, k, accumulate);
+              int64_t n, int64_t k) const {
+    multiply(amx, a, lda, b, ldb, c, ldc, m, n, k, false);
   }
   // Per worker: work() with the tiles configured (see Tiles).
   template <typename Work>
@@ -465,7 +474,7 @@ struct WeightGradient {
           std::memset(xs + r * w_.wp, 0, w_.in * sizeof(BFloat16));
       }
       tile_pairs_of_rows(xs, depth, w_.wp, x_pairs);
-      (w_.amx ? tile_matmul : vector_matmul)(g_t, w_.ldk, x_pairs, 2 * w_.wp, sum_, w_.in, w_.out, w_.in, depth, true);
+      multiply(w_.amx, g_t, w_.ldk, x_pairs, 2 * w_.wp, sum_, w_.in, w_.out, w_.in, depth, true);
     }
 
    private:
@@ -641,7 +650,7 @@ void for_row_blocks(int64_t rows, const WeightGradient* dw, const BFloat16* g, c
 WeightGradient weight_gradient(const torch::Tensor& x, int64_t rows, int64_t out, bool amx) {
   check_rows(x, torch::kBFloat16, x.size(-1), "x");
   TORCH_CHECK(x.numel() / x.size(-1) == rows, "x: expected ", rows, " rows, got ", x.numel() / x.size(-1));
-  TORCH_CHECK(!amx || amx_ready(), "AMX asked for but unavailable (it needs Sapphire Rapids or later, Linux ≥ 5.16)");
+  check_amx(amx);
   return WeightGradient(out, x.size(-1), kTile, amx);
 }
 
