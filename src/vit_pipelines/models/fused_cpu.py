@@ -149,5 +149,6 @@ class _FusedBlock(torch.autograd.Function):
         dqkv, dw_qkv, db_qkv = ops.attention_bwd(do, qkv, qkv_b, p, h1, heads, scale, _amx)
         dqkv = dqkv.view(-1, 3 * d)
         gx, dln1_w, dln1_b = ops.layer_norm_bwd(torch.mm(dqkv, w_qkv).view(b, n, d), x, mean1, rstd1, ln1_w, g1, None, _amx)  # fmt: skip
+        # every parameter gradient comes out of the kernels in float32, the parameters' dtype
         grads = (dw_qkv, db_qkv, dw_proj, db_proj, dln2_w, dln2_b, dw_fc1, db_fc1, dw_fc2, db_fc2)
-        return (gx, dln1_w, dln1_b, *(t.float() for t in grads), None, None)
+        return (gx, dln1_w, dln1_b, *grads, None, None)
