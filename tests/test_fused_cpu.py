@@ -44,9 +44,8 @@ def test_gelu_kernels_round_the_exact_gelu_and_its_derivative(ops):
     assert bf16_ulps(derivative, exact.grad)[exact.grad.abs() > 1e-3].max() <= 0.6
     # the backward multiplies the upstream gradient by the saved derivative, rounding once
     upstream = torch.randn(z.shape, generator=torch.Generator().manual_seed(0)).bfloat16()
-    x = torch.ones(
-        len(z), 16
-    ).bfloat16()  # fc1's input (the weight gradient: test_..._sum_the_weight_gradient)
+    # fc1's input, for the weight gradient (tested in test_gradient_kernels_sum_the_weight_gradient)
+    x = torch.ones(len(z), 16).bfloat16()
     dh, bias_grad, _ = ops.mul_colsum(upstream, derivative, x, False)
     product = upstream.double() * derivative.double()
     assert bf16_ulps(dh, product)[product.abs() > 1e-30].max() <= 0.5
@@ -143,9 +142,8 @@ def test_attention_kernels_reject_what_they_do_not_handle(ops):
     with pytest.raises(RuntimeError, match="BFloat16"):
         ops.attention_fwd(torch.zeros(1, 4, 3 * 32), torch.zeros(96), 2, 1.0, False)
     qkv, bias, p = torch.zeros(2, 4, 96).bfloat16(), torch.zeros(96), torch.zeros(2, 2, 4, 4).bfloat16()
-    with pytest.raises(
-        RuntimeError, match="as many rows as do"
-    ):  # the qkv layer's input of one image, not two
+    # the qkv layer's input for one image, not two
+    with pytest.raises(RuntimeError, match="as many rows as do"):
         ops.attention_bwd(
             torch.zeros(2, 4, 32).bfloat16(), qkv, bias, p, torch.zeros(1, 4, 32).bfloat16(), 2, 1.0, False
         )
