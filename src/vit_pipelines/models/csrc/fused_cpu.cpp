@@ -164,32 +164,45 @@ torch::Tensor add_bias_residual(const torch::Tensor& x, const torch::Tensor& y, 
 }
 
 namespace {
-// erf(u) for float32 as a rational function u·P(u²)/Q(u²) on u clamped to [-4, 4] (beyond, erf is ±1 in float32):
-// the minimax approximation of Eigen's and XLA's float erf, accurate to a few float32 ulps without an exp.
-inline Vec erf_rational(Vec u) {
-  const Vec x = at::vec::clamp(u, Vec(-4.f), Vec(4.f)), x2 = x * x;
-  Vec p = at::vec::fmadd(x2, Vec(-2.72614225801306e-10f), Vec(2.77068142495902e-08f));
-  p = at::vec::fmadd(x2, p, Vec(-2.10102402082508e-06f));
-  p = at::vec::fmadd(x2, p, Vec(-5.69250639462346e-05f));
-  p = at::vec::fmadd(x2, p, Vec(-7.34990630326855e-04f));
-  p = at::vec::fmadd(x2, p, Vec(-2.95459980854025e-03f));
-  p = at::vec::fmadd(x2, p, Vec(-1.60960333262415e-02f));
-  Vec q = at::vec::fmadd(x2, Vec(-1.45660718464996e-05f), Vec(-2.13374055278905e-04f));
-  q = at::vec::fmadd(x2, q, Vec(-1.68282697438203e-03f));
-  q = at::vec::fmadd(x2, q, Vec(-7.37332916720468e-03f));
-  q = at::vec::fmadd(x2, q, Vec(-1.42647390514189e-02f));
-  return x * p * reciprocal(q);
+// exp(-t²/2) for 0 ≤ t ≤ 6: 2^y with y = -t²·log2(e)/2, as 2^round(y) · 2^f for f in [-1/2, 1/2], 2^f from a
+// degree-5 polynomial (Chebyshev fit, relative error 1e-7) and the power of two applied by scalef.
+inline Vec exp_half_square(Vec t) {
+  const Vec y = t * (t * Vec(static_cast<float>(-0.5 * M_LOG2E)));
+  const Vec n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), f = y - n;
+  Vec p = at::vec::fmadd(f, Vec(1.34004322e-3f), Vec(9.67603710e-3f));
+  p = at::vec::fmadd(f, p, Vec(5.55032721e-2f));
+  p = at::vec::fmadd(f, p, Vec(2.40221074e-1f));
+  p = at::vec::fmadd(f, p, Vec(6.93147207e-1f));
+  p = at::vec::fmadd(f, p, Vec(1.00000008f));
+  return _mm512_scalef_ps(p, n);
 }
-// Φ(z), the standard normal CDF: GELU(z) = z·Φ(z). Its density φ(z) = exp(-z²/2)/√(2π) gives GELU'(z) = Φ + z·φ.
-inline Vec normal_cdf(Vec z) { return Vec(0.5f) + Vec(0.5f) * erf_rational(z * Vec(static_cast<float>(M_SQRT1_2))); }
-inline Vec normal_pdf(Vec z) {
-  return (Vec(-0.5f) * z * z).exp_u20() * Vec(static_cast<float>(0.5 * M_2_SQRTPI * M_SQRT1_2));
-}
+// Φ(z) and φ(z), the standard normal CDF and density: GELU(z) = z·Φ(z), GELU'(z) = Φ(z) + z·φ(z). Both come from
+// one exponential: with t = |z| (capped at 6, where Φ is 1 in float32), φ = exp(-t²/2)/√(2π) and the tail
+// Φ(-t) = φ(t)·R(t), R being Mills' ratio, fitted as a degree-7 polynomial in k = 1/(1 + 0.34·t) (the form of
+// Abramowitz and Stegun 26.2.17, refitted by least squares reweighted towards the largest relative error: 1.3e-7 on
+// [0, 6], so the tail keeps its relative accuracy far left). ~25% faster than an erf and a separate exp for φ.
+// Φ(z) = Φ(-t) for z < 0, else 1 - Φ(-t).
+struct Normal {
+  Vec cdf, pdf;
+  explicit Normal(Vec z) {
+    const Vec t = _mm512_min_ps(_mm512_abs_ps(z), Vec(6.f)), e = exp_half_square(t);
+    const Vec k = reciprocal(at::vec::fmadd(t, Vec(0.34f), Vec(1.f)));
+    Vec r = at::vec::fmadd(k, Vec(4.64543380e-2f), Vec(-2.07604845e-1f));  // R(t)/√(2π) / k
+    r = at::vec::fmadd(k, r, Vec(2.76629666e-1f));
+    r = at::vec::fmadd(k, r, Vec(-4.23189949e-2f));
+    r = at::vec::fmadd(k, r, Vec(1.62442718e-1f));
+    r = at::vec::fmadd(k, r, Vec(1.28212233e-1f));
+    r = at::vec::fmadd(k, r, Vec(1.36184826e-1f));
+    const Vec tail = e * k * r;
+    cdf = _mm512_mask_sub_ps(tail, _mm512_cmp_ps_mask(z, Vec(0.f), _CMP_GE_OQ), Vec(1.f), tail);
+    pdf = e * Vec(static_cast<float>(0.5 * M_2_SQRTPI * M_SQRT1_2));
+  }
+};
 }  // namespace
 
 // GELU(h + b) with the exact (erf) GELU and its derivative GELU'(h + b), both bfloat16; h bfloat16 [..., F] from a
-// matmul without bias. The backward pass needs only the derivative, and computing it here, where Φ is at hand
-// and the pass is bound by memory, costs a fraction of recomputing the erf in the backward pass.
+// matmul without bias. The backward pass needs only the derivative, and computing it here, where Φ and φ are at
+// hand, costs one multiply-add, where the backward pass would have to compute both again.
 std::vector<torch::Tensor> bias_gelu_fwd(const torch::Tensor& h, const torch::Tensor& b) {
   const int64_t f = h.size(-1), rows = h.numel() / f;
   check_rows(h, torch::kBFloat16, f, "h");
@@ -200,9 +213,10 @@ std::vector<torch::Tensor> bias_gelu_fwd(const torch::Tensor& h, const torch::Te
   at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r)
       for (int64_t j = 0; j < f; j += kLanes) {
-        const Vec z = load(ph + r * f + j) + load(pb + j), cdf = normal_cdf(z);
-        store(pa + r * f + j, z * cdf);
-        store(pd + r * f + j, at::vec::fmadd(z, normal_pdf(z), cdf));
+        const Vec z = load(ph + r * f + j) + load(pb + j);
+        const Normal n(z);
+        store(pa + r * f + j, z * n.cdf);
+        store(pd + r * f + j, at::vec::fmadd(z, n.pdf, n.cdf));
       }
   });
   return {a, da_dh};
