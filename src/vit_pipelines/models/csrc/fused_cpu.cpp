@@ -481,13 +481,17 @@ struct WeightGradient {
       transpose_rows(g, w_.out, count, w_.out, g_t, w_.ldk);
       for (int64_t c = 0; c < w_.out && count < depth; ++c)
         std::memset(g_t + c * w_.ldk + count, 0, (depth - count) * sizeof(BFloat16));
-      for (int64_t r = 0; r < depth; ++r) {
+      // x's rows are interleaved straight from x where no column padding is needed; the rest (an odd last row, or
+      // all rows where in is not a multiple of 32, and the zero rows up to depth) goes through xs
+      const int64_t direct = w_.wp == w_.in ? count / 2 * 2 : 0;
+      tile_pairs_of_rows(x, direct, w_.in, x_pairs);
+      for (int64_t r = direct; r < depth; ++r) {
         if (r < count)
-          std::memcpy(xs + r * w_.wp, x + r * w_.in, w_.in * sizeof(BFloat16));
+          std::memcpy(xs + (r - direct) * w_.wp, x + r * w_.in, w_.in * sizeof(BFloat16));
         else
-          std::memset(xs + r * w_.wp, 0, w_.in * sizeof(BFloat16));
+          std::memset(xs + (r - direct) * w_.wp, 0, w_.in * sizeof(BFloat16));
       }
-      tile_pairs_of_rows(xs, depth, w_.wp, x_pairs);
+      tile_pairs_of_rows(xs, depth - direct, w_.wp, x_pairs + direct * w_.wp);
       multiply(w_.amx, g_t, w_.ldk, x_pairs, 2 * w_.wp, sum_, w_.in, w_.out, w_.in, depth, true);
     }
 
