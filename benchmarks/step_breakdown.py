@@ -9,6 +9,11 @@ machine's copy bandwidth (a 256 MiB float32 copy, measured in the same run) tell
 the ones bound by arithmetic. "everything else" is the rest of the step: patch embedding, head, loss, AdamW,
 autograd. A timer adds about a microsecond to each of the ~230 calls of a Ti/4 step.
 
+It also bounds what this design can reach: the step's model FLOPs (`torch.utils.flop_counter`) all at the rate the
+block's oneDNN matmuls reached, plus every byte the kernels read and write at the copy bandwidth, one after the
+other (each kernel is a pass over memory between matmuls), is a step no implementation of these kernels beats;
+its MFU, against a bf16 matmul peak measured right after the steps, is the design's ceiling beside the step's own.
+
     python benchmarks/step_breakdown.py
     python benchmarks/step_breakdown.py --variant S/16 --image-size 224 --batch 32 --steps 3
 
@@ -27,7 +32,7 @@ from typing import Any
 
 import torch
 from report import machine, print_table, write_json
-from train_throughput import make_step
+from train_throughput import make_step, matmul_peak, training_flops
 
 from vit_pipelines.models import VisionTransformer, ViTConfig, fused_cpu
 from vit_pipelines.training.loop import keep_freed_memory
@@ -171,11 +176,15 @@ def run(
         for name, seconds in sorted(timers.seconds.items(), key=lambda kv: -kv[1])
     }
     covered = sum(timers.seconds.values())
+    peak = matmul_peak(sizes=(2048,))
+    bandwidth = copy_bandwidth()
     result.update(
         {
             "step_ms": 1e3 * total / steps,
             "images_per_second": batch * steps / total,
-            "copy_bandwidth_gb_per_second": copy_bandwidth(),
+            "copy_bandwidth_gb_per_second": bandwidth,
+            "bf16_matmul_peak_tflops": peak,
+            "ceiling": design_ceiling(ops, training_flops(model, batch), bandwidth, peak, total / steps),
             "ops": ops,
             "share_of_step": {
                 kind: sum(op["share_of_step"] for op in ops.values() if op["kind"] == kind)
@@ -185,6 +194,30 @@ def run(
         }
     )
     return result
+
+
+def design_ceiling(
+    ops: dict[str, dict[str, Any]], flops: int, bandwidth: float, peak: float, step_seconds: float
+) -> dict[str, float]:
+    """The shortest step of this design (see the module's doc) and the MFU of it and of the measured step."""
+    matmuls = [op for op in ops.values() if op["kind"] == "matmul"]
+    matmul_rate = sum(op["tflops"] * op["ms_per_step"] for op in matmuls) / sum(
+        op["ms_per_step"] for op in matmuls
+    )
+    kernel_bytes = sum(
+        op["bytes_per_call"] * op["calls_per_step"] for op in ops.values() if op["kind"] == "kernel"
+    )
+    arithmetic_ms, memory_ms = flops / matmul_rate / 1e9, kernel_bytes / bandwidth / 1e6
+    return {
+        "model_gflop_per_step": flops / 1e9,
+        "matmul_tflops": matmul_rate,
+        "kernel_gb_per_step": kernel_bytes / 1e9,
+        "arithmetic_ms": arithmetic_ms,
+        "memory_ms": memory_ms,
+        "step_ms": arithmetic_ms + memory_ms,
+        "mfu": flops / ((arithmetic_ms + memory_ms) / 1e3) / (peak * 1e12),
+        "measured_mfu": flops / step_seconds / (peak * 1e12),
+    }
 
 
 def report(result: dict[str, Any]) -> list[list[Any]]:
@@ -212,6 +245,14 @@ def report(result: dict[str, Any]) -> list[list[Any]]:
         f"{result['copy_bandwidth_gb_per_second']:.1f} GB/s",
         ["call", "calls/step", "ms/step", "of step", "GB/s in+out", "TFLOP/s"],
         rows,
+    )
+    c = result["ceiling"]
+    print(
+        f"this step's MFU {100 * c['measured_mfu']:.0f}% of the bf16 matmul peak measured after it "
+        f"({result['bf16_matmul_peak_tflops']:.2f} TFLOP/s). The design's floor: {c['model_gflop_per_step']:.0f} "
+        f"GFLOP at the matmuls' {c['matmul_tflops']:.2f} TFLOP/s ({c['arithmetic_ms']:.0f} ms) + the kernels' "
+        f"{c['kernel_gb_per_step']:.2f} GB at the copy bandwidth ({c['memory_ms']:.0f} ms) = {c['step_ms']:.0f} ms a "
+        f"step, MFU {100 * c['mfu']:.0f}% at most"
     )
     return rows
 

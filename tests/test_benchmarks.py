@@ -97,5 +97,20 @@ def test_step_breakdown_times_every_call_of_the_fused_block_with_its_bytes_and_f
     assert all(op["ms_per_step"] > 0 for op in ops.values()) and 0 < shares["everything else"] < 1
     assert shares["matmul"] + shares["kernel"] + shares["everything else"] == pytest.approx(1)
     assert result["copy_bandwidth_gb_per_second"] > 0
+    # the design's floor: the model's FLOPs at the matmuls' mean rate plus the kernels' bytes at copy bandwidth
+    ceiling, matmuls = result["ceiling"], [op for op in ops.values() if op["kind"] == "matmul"]
+    assert (
+        min(op["tflops"] for op in matmuls) <= ceiling["matmul_tflops"] <= max(op["tflops"] for op in matmuls)
+    )
+    timed_gflop = sum(op["tflops"] * op["ms_per_step"] for op in matmuls)  # TFLOP/s x ms = GFLOP
+    assert (
+        ceiling["model_gflop_per_step"] > timed_gflop
+    )  # the block's oneDNN products are part of the model's
+    kernel_bytes = sum(
+        op["bytes_per_call"] * op["calls_per_step"] for op in ops.values() if op["kind"] == "kernel"
+    )
+    assert ceiling["memory_ms"] == pytest.approx(kernel_bytes / result["copy_bandwidth_gb_per_second"] / 1e6)
+    assert ceiling["step_ms"] == pytest.approx(ceiling["arithmetic_ms"] + ceiling["memory_ms"])
+    assert ceiling["mfu"] / ceiling["measured_mfu"] == pytest.approx(result["step_ms"] / ceiling["step_ms"])
     assert len(step_breakdown.report(result)) == len(ops) + 1  # and "everything else"
     assert fused_cpu._kernels is not None and not isinstance(fused_cpu._kernels, step_breakdown._TimedKernels)
