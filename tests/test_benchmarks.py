@@ -102,10 +102,9 @@ def test_step_breakdown_times_every_call_of_the_fused_block_with_its_bytes_and_f
     assert (
         min(op["tflops"] for op in matmuls) <= ceiling["matmul_tflops"] <= max(op["tflops"] for op in matmuls)
     )
-    timed_gflop = sum(op["tflops"] * op["ms_per_step"] for op in matmuls)  # TFLOP/s x ms = GFLOP
-    assert (
-        ceiling["model_gflop_per_step"] > timed_gflop
-    )  # the block's oneDNN products are part of the model's
+    # TFLOP/s x ms = GFLOP; the block's oneDNN products are part of the model's
+    timed_gflop = sum(op["tflops"] * op["ms_per_step"] for op in matmuls)
+    assert ceiling["model_gflop_per_step"] > timed_gflop
     kernel_bytes = sum(
         op["bytes_per_call"] * op["calls_per_step"] for op in ops.values() if op["kind"] == "kernel"
     )
