@@ -150,10 +150,11 @@ def test_attention_kernels_reject_what_they_do_not_handle(ops):
 
 
 # Ti/4's fc2 (192 ← 768) and fc1 (768 ← 192) over a batch's 8320 rows, partial blocks of 32 and 128 rows with
-# widths that pad to the tiles' 32 columns, and an odd block whose x needs no padding (rows paired straight from x
-# but the last).
+# widths that pad to the tiles' 32 columns, an odd block whose x needs no padding (rows paired straight from x
+# but the last), one row (one worker) and none (no worker: zero gradients).
 @pytest.mark.parametrize(
-    "rows, out, inputs", [(8320, 192, 768), (8320, 768, 192), (1, 16, 16), (77, 48, 80), (77, 32, 64)]
+    "rows, out, inputs",
+    [(8320, 192, 768), (8320, 768, 192), (1, 16, 16), (0, 16, 32), (77, 48, 80), (77, 32, 64)],
 )
 @pytest.mark.parametrize("amx", [True, False], ids=["amx", "avx512"])
 def test_gradient_kernels_sum_the_weight_gradient(ops, rows, out, inputs, amx):

@@ -68,7 +68,19 @@ struct ColumnSums {
   torch::Tensor partial;
   explicit ColumnSums(int64_t cols) : partial(torch::zeros({at::get_num_threads(), cols}, torch::kFloat)) {}
   float* row(int64_t tid) { return partial.data_ptr<float>() + tid * partial.size(1); }
-  torch::Tensor total() const { return partial.sum(0); }
+  // A loop here, not partial.sum(0): ATen's reduction costs ~15 µs of dispatch for a few hundred values.
+  torch::Tensor total() const {
+    const int64_t threads = partial.size(0), cols = partial.size(1);
+    auto out = torch::empty({cols}, partial.options());
+    const float* p = partial.data_ptr<float>();
+    float* po = out.data_ptr<float>();
+    for (int64_t c = 0; c < cols; ++c) {
+      float s = 0.f;
+      for (int64_t t = 0; t < threads; ++t) s += p[t * cols + c];
+      po[c] = s;
+    }
+    return out;
+  }
 };
 
 constexpr int64_t kGrain = 32;  // rows per parallel task
@@ -450,14 +462,15 @@ struct Heads {
   }
 };
 
-// Per-thread scratch: zero-initialised, and the kernels write only the valid rows and columns of the padded
-// buffers, so the padding stays zero and adds nothing to the matmuls. torch's CPU allocator starts tensors on
+// Per-thread scratch: zero-initialised (unless zeroed is false), and the kernels write only the valid rows and
+// columns of the padded buffers, so the padding stays zero and adds nothing to the matmuls. torch's CPU allocator starts tensors on
 // 64-byte boundaries and every buffer cut from these is a whole number of 64-byte lines, so each tile row starts a
 // cache line: a tile load whose rows straddle two lines takes ~6x as long, which doubled the time per product.
 struct Scratch {
   torch::Tensor bf16, f32;
-  Scratch(int64_t bf16_values, int64_t f32_values)
-      : bf16(torch::zeros({bf16_values}, torch::kBFloat16)), f32(torch::zeros({f32_values}, torch::kFloat)) {}
+  Scratch(int64_t bf16_values, int64_t f32_values, bool zeroed = true)
+      : bf16(zeroed ? torch::zeros({bf16_values}, torch::kBFloat16) : torch::empty({bf16_values}, torch::kBFloat16)),
+        f32(zeroed ? torch::zeros({f32_values}, torch::kFloat) : torch::empty({f32_values}, torch::kFloat)) {}
   BFloat16* values() { return bf16.data_ptr<BFloat16>(); }
   float* floats() { return f32.data_ptr<float>(); }
 };
@@ -466,24 +479,38 @@ struct Scratch {
 // gradient g ([rows, out] bfloat16) while each block of g's rows is in cache: gᵀ never goes to memory and no
 // matmul reads g back. Each worker adds its blocks into its own float32 sum on the tiles (AMX, else AVX-512 FMAs);
 // total() adds those in a fixed order. x [rows, in] bfloat16 is the layer's input; out and in multiples of 16.
+// A worker's first block writes its sum instead of adding to it, so the sums need no zeroing, and total() adds
+// only the sums of the workers that had rows.
 struct WeightGradient {
   const int64_t out, in, wp, ldk;  // wp: x's rows padded to the tiles' 32 columns; ldk: the most rows per block
   const bool amx;
   torch::Tensor sums;
+  mutable std::vector<char> used;  // per worker: whether its sum holds anything
   WeightGradient(int64_t out_features, int64_t in_features, int64_t max_rows, bool use_amx)
       : out(out_features), in(in_features), wp(round_up(in, 32)), ldk(round_up(max_rows, 32)), amx(use_amx),
-        sums(torch::zeros({at::get_num_threads(), out, in}, torch::kFloat)) {
+        sums(torch::empty({at::get_num_threads(), out, in}, torch::kFloat)), used(sums.size(0), 0) {
     TORCH_CHECK(out % 16 == 0 && in % 16 == 0, "weight gradient: widths must be multiples of 16, got ", out, " and ",
                 in);
   }
-  torch::Tensor total() const { return sums.sum(0); }
+  torch::Tensor total() const {
+    std::vector<int64_t> workers;
+    for (int64_t i = 0; i < sums.size(0); ++i)
+      if (used[i]) workers.push_back(i);
+    if (workers.empty()) return torch::zeros({out, in}, torch::kFloat);
+    if (workers.size() == 1) return sums[workers[0]];
+    auto t = sums[workers[0]] + sums[workers[1]];
+    for (size_t i = 2; i < workers.size(); ++i) t.add_(sums[workers[i]]);
+    return t;
+  }
 
   // One worker's share (in the worker's thread, tiles loaded): add(g, x, count) adds g[0, count)ᵀ · x[0, count).
   class Worker {
    public:
+    // The scratch is not zeroed: each block writes the rows it reads (its padding rows are zeroed per block) and
+    // the product reads no column of x's pairs past in.
     explicit Worker(const WeightGradient& w)
-        : w_(w), scratch_(w.out * w.ldk + 2 * w.ldk * w.wp, 0),
-          sum_(w.sums.data_ptr<float>() + at::get_thread_num() * w.out * w.in) {}
+        : w_(w), scratch_(w.out * w.ldk + 2 * w.ldk * w.wp, 0, false), id_(at::get_thread_num()),
+          sum_(w.sums.data_ptr<float>() + id_ * w.out * w.in) {}
     // g's rows transposed (from cache) and x's rows in pairs, both zero-padded to 32 rows, then one product.
     void add(const BFloat16* g, const BFloat16* x, int64_t count) {
       TORCH_CHECK(count <= w_.ldk, "weight gradient: more rows than the block holds");
@@ -503,12 +530,14 @@ struct WeightGradient {
           std::memset(xs + (r - direct) * w_.wp, 0, w_.in * sizeof(BFloat16));
       }
       tile_pairs_of_rows(xs, depth - direct, w_.wp, x_pairs + direct * w_.wp);
-      multiply(w_.amx, g_t, w_.ldk, x_pairs, 2 * w_.wp, sum_, w_.in, w_.out, w_.in, depth, true);
+      multiply(w_.amx, g_t, w_.ldk, x_pairs, 2 * w_.wp, sum_, w_.in, w_.out, w_.in, depth, w_.used[id_]);
+      w_.used[id_] = 1;
     }
 
    private:
     const WeightGradient& w_;
     Scratch scratch_;
+    int64_t id_;
     float* sum_;
   };
 };
