@@ -76,6 +76,17 @@ def test_layer_norm_kernels_and_the_residual_they_carry(ops):
     dense_input = torch.randn(4, 9, 32, generator=gen).bfloat16()
     g_out_too, *_ = ops.layer_norm_bwd(dy, x, mean, rstd, w, g, dense_input, False)
     assert torch.equal(g_out_too, g_out)
+    # the residual add after a dense layer that ran without its bias; given the next layer norm's parameters, also
+    # that layer norm of the sum, from the same pass
+    dense, bias = torch.randn(4, 9, 64, generator=gen).bfloat16(), torch.randn(64, generator=gen)
+    (summed,) = ops.add_bias_residual(x, dense, bias, None, None, 1e-6)
+    assert torch.equal(summed, x + (dense.float() + bias))
+    summed_too, *normed = ops.add_bias_residual(x, dense, bias, w, b, 1e-6)
+    assert torch.equal(summed_too, summed)
+    for got, separately in zip(normed, ops.layer_norm_fwd(summed, w, b, 1e-6), strict=True):
+        assert torch.equal(got, separately)
+    with pytest.raises(RuntimeError, match="needs both its weight and its bias"):
+        ops.add_bias_residual(x, dense, bias, w, None, 1e-6)
 
 
 def assert_float32_sums(got: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:

@@ -116,11 +116,13 @@ class _FusedBlock(torch.autograd.Function):
         h1, mean1, rstd1 = ops.layer_norm_fwd(x, ln1_w, ln1_b, eps)
         qkv = torch.mm(h1.view(-1, d), w_qkv.t()).view(b, n, 3 * d)
         o, p = ops.attention_fwd(qkv, qkv_b, heads, scale, _amx)
-        x1 = ops.add_bias_residual(x, torch.mm(o.view(-1, d), w_proj.t()).view(b, n, d), proj_b)
-        h2, mean2, rstd2 = ops.layer_norm_fwd(x1, ln2_w, ln2_b, eps)
+        # the residual add and the second layer norm in one pass over the rows
+        x1, h2, mean2, rstd2 = ops.add_bias_residual(
+            x, torch.mm(o.view(-1, d), w_proj.t()).view(b, n, d), proj_b, ln2_w, ln2_b, eps
+        )
         z = torch.mm(h2.view(-1, d), w_fc1.t())
         a, gelu_grad = ops.bias_gelu_fwd(z, fc1_b)
-        out = ops.add_bias_residual(x1, torch.mm(a, w_fc2.t()).view(b, n, d), fc2_b)
+        (out,) = ops.add_bias_residual(x1, torch.mm(a, w_fc2.t()).view(b, n, d), fc2_b, None, None, eps)
         ctx.save_for_backward(x, h1, mean1, rstd1, qkv, p, o, x1, h2, mean2, rstd2, a, gelu_grad)
         ctx.params = (ln1_w, w_qkv, qkv_b, w_proj, ln2_w, w_fc1, w_fc2)
         ctx.heads = heads

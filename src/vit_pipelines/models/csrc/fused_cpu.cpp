@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstring>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -126,6 +127,26 @@ inline void transpose_rows(const BFloat16* src, int64_t ld_src, int64_t n, int64
 
 }  // namespace
 
+namespace {
+// One row of d values of a layer norm: y = LayerNorm(x) * w + b rounded to bfloat16, *mean and *rstd its statistics.
+inline void normalize_row(const float* x, int64_t d, const float* w, const float* b, float eps, BFloat16* y,
+                          float* mean, float* rstd) {
+  Vec s(0.f);
+  for (int64_t j = 0; j < d; j += kLanes) s += load(x + j);
+  const float mu = hsum(s) / d;
+  Vec ss(0.f);
+  for (int64_t j = 0; j < d; j += kLanes) {
+    const Vec c = load(x + j) - Vec(mu);
+    ss = at::vec::fmadd(c, c, ss);
+  }
+  const float rs = 1.f / std::sqrt(hsum(ss) / d + eps);
+  for (int64_t j = 0; j < d; j += kLanes)
+    store(y + j, at::vec::fmadd((load(x + j) - Vec(mu)) * Vec(rs), load(w + j), load(b + j)));
+  *mean = mu;
+  *rstd = rs;
+}
+}  // namespace
+
 // y = LayerNorm(x) * w + b, rounded to bfloat16; x float32 [..., D]. Returns (y, mean, rstd), the statistics
 // in float32 per row for the backward pass.
 std::vector<torch::Tensor> layer_norm_fwd(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b,
@@ -138,41 +159,42 @@ std::vector<torch::Tensor> layer_norm_fwd(const torch::Tensor& x, const torch::T
   auto* py = y.data_ptr<BFloat16>();
   float *pmean = mean.data_ptr<float>(), *prstd = rstd.data_ptr<float>();
   at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const float* xr = px + r * d;
-      Vec s(0.f);
-      for (int64_t j = 0; j < d; j += kLanes) s += load(xr + j);
-      const float mu = hsum(s) / d;
-      Vec ss(0.f);
-      for (int64_t j = 0; j < d; j += kLanes) {
-        const Vec c = load(xr + j) - Vec(mu);
-        ss = at::vec::fmadd(c, c, ss);
-      }
-      const float rs = 1.f / std::sqrt(hsum(ss) / d + static_cast<float>(eps));
-      for (int64_t j = 0; j < d; j += kLanes)
-        store(py + r * d + j, at::vec::fmadd((load(xr + j) - Vec(mu)) * Vec(rs), load(pw + j), load(pb + j)));
-      pmean[r] = mu;
-      prstd[r] = rs;
-    }
+    for (int64_t r = begin; r < end; ++r)
+      normalize_row(px + r * d, d, pw, pb, static_cast<float>(eps), py + r * d, pmean + r, prstd + r);
   });
   return {y, mean, rstd};
 }
 
-// x + (y + b): the residual add after a dense layer whose matmul ran without its bias; x float32, y bfloat16.
-torch::Tensor add_bias_residual(const torch::Tensor& x, const torch::Tensor& y, const torch::Tensor& b) {
+// out = x + (y + b): the residual add after a dense layer whose matmul ran without its bias; x float32, y bfloat16.
+// Given the weight and bias of the layer norm that follows (norm_w, norm_b), also that layer norm of out, as
+// layer_norm_fwd returns it, from each row while it is in cache: (out, LayerNorm(out), mean, rstd).
+std::vector<torch::Tensor> add_bias_residual(const torch::Tensor& x, const torch::Tensor& y, const torch::Tensor& b,
+                                             const c10::optional<torch::Tensor>& norm_w,
+                                             const c10::optional<torch::Tensor>& norm_b, double eps) {
   const int64_t d = x.size(-1), rows = x.numel() / d;
   check_rows(x, torch::kFloat, d, "x");
   check_rows(y, torch::kBFloat16, d, "y");
+  TORCH_CHECK(norm_w.has_value() == norm_b.has_value(), "the layer norm needs both its weight and its bias");
+  const bool norm = norm_w.has_value();
   auto out = torch::empty_like(x);
+  auto h = norm ? torch::empty(x.sizes(), x.options().dtype(torch::kBFloat16)) : torch::Tensor();
+  auto mean = norm ? torch::empty({rows}, x.options()) : torch::Tensor();
+  auto rstd = norm ? torch::empty({rows}, x.options()) : torch::Tensor();
   const float *px = x.data_ptr<float>(), *pb = b.data_ptr<float>();
   const BFloat16* py = y.data_ptr<BFloat16>();
   float* po = out.data_ptr<float>();
+  const float *pnw = norm ? norm_w->data_ptr<float>() : nullptr, *pnb = norm ? norm_b->data_ptr<float>() : nullptr;
+  BFloat16* ph = norm ? h.data_ptr<BFloat16>() : nullptr;
+  float *pmean = norm ? mean.data_ptr<float>() : nullptr, *prstd = norm ? rstd.data_ptr<float>() : nullptr;
   at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r)
+    for (int64_t r = begin; r < end; ++r) {
       for (int64_t j = 0; j < d; j += kLanes)
         store(po + r * d + j, load(px + r * d + j) + (load(py + r * d + j) + load(pb + j)));
+      if (norm) normalize_row(po + r * d, d, pnw, pnb, static_cast<float>(eps), ph + r * d, pmean + r, prstd + r);
+    }
   });
-  return out;
+  if (!norm) return {out};
+  return {out, h, mean, rstd};
 }
 
 namespace {
@@ -542,6 +564,16 @@ struct WeightGradient {
   };
 };
 
+// Calls rows(std::integral_constant<int, R>(), i) for row groups [i, i + R) covering [0, n), R = 4 but at the end:
+// a row's reductions (max, sum) are chains of dependent instructions, and R rows side by side keep the vector units
+// busy while each chain waits.
+template <typename Rows>
+inline void in_row_groups(int64_t n, const Rows& rows) {
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) rows(std::integral_constant<int, 4>(), i);
+  for (; i < n; ++i) rows(std::integral_constant<int, 1>(), i);
+}
+
 // Rows i < n of p = softmax(scale · score) (score float32 [n][ld], overwritten with the exponentials; p bfloat16
 // [n][ld] and, rows n apart, p_out). In base 2: exp(x - max) = 2^((x - max)·log2(e)), log2(e) folded into scale.
 void softmax_rows(float* score, int64_t n, int64_t ld, float scale, BFloat16* p, BFloat16* p_out) {
@@ -555,30 +587,43 @@ void softmax_rows(float* score, int64_t n, int64_t ld, float scale, BFloat16* p,
     store(p + i * ld + t * kLanes, prob, count(t));
     store(p_out + i * n + t * kLanes, prob, count(t));
   };
-  for (int64_t i = 0; i < n; ++i) {
-    float* sr = score + i * ld;
-    Vec vmax(-INFINITY), sum(0.f);
-    for (int64_t t = 0; t < vecs; ++t) vmax = at::vec::maximum(vmax, scaled(sr, t));
-    const Vec mx(hmax(vmax));
-    for (int64_t t = 0; t < vecs; ++t) {
-      const Vec x = _mm512_maskz_mov_ps(tail_mask(count(t)), exp2_nonpositive(scaled(sr, t) - mx));
-      store(sr + t * kLanes, x);
-      sum += x;
-    }
-    const Vec inv(1.f / hsum(sum));
-    for (int64_t t = 0; t < vecs; ++t) put(i, t, load(sr + t * kLanes) * inv);
-  }
+  in_row_groups(n, [&](auto group, int64_t i0) {
+    constexpr int R = decltype(group)::value;
+    Vec vmax[R], sum[R];
+    for (int r = 0; r < R; ++r) vmax[r] = Vec(-INFINITY), sum[r] = Vec(0.f);
+    for (int64_t t = 0; t < vecs; ++t)
+      for (int r = 0; r < R; ++r) vmax[r] = at::vec::maximum(vmax[r], scaled(score + (i0 + r) * ld, t));
+    for (int r = 0; r < R; ++r) vmax[r] = Vec(hmax(vmax[r]));
+    for (int64_t t = 0; t < vecs; ++t)
+      for (int r = 0; r < R; ++r) {
+        float* sr = score + (i0 + r) * ld;
+        const Vec x = _mm512_maskz_mov_ps(tail_mask(count(t)), exp2_nonpositive(scaled(sr, t) - vmax[r]));
+        store(sr + t * kLanes, x);
+        sum[r] += x;
+      }
+    for (int r = 0; r < R; ++r) sum[r] = Vec(1.f / hsum(sum[r]));
+    for (int64_t t = 0; t < vecs; ++t)
+      for (int r = 0; r < R; ++r) put(i0 + r, t, load(score + (i0 + r) * ld + t * kLanes) * sum[r]);
+  });
 }
 
 // Rows i < n of ds = scale · p ⊙ (dp − Σ_j p ⊙ dp) (p, ds bfloat16 and dp float32, all [n][ld]; p's padding is 0).
 void softmax_grad_rows(const BFloat16* p, const float* dp, int64_t n, int64_t ld, float scale, BFloat16* ds) {
-  for (int64_t i = 0; i < n; ++i) {
-    Vec dot(0.f);
-    for (int64_t j = 0; j < n; j += kLanes) dot = at::vec::fmadd(load(p + i * ld + j), load(dp + i * ld + j), dot);
-    const Vec total(hsum(dot)), vscale(scale);
+  const Vec vscale(scale);
+  in_row_groups(n, [&](auto group, int64_t i0) {
+    constexpr int R = decltype(group)::value;
+    Vec dot[R];
+    for (int r = 0; r < R; ++r) dot[r] = Vec(0.f);
     for (int64_t j = 0; j < n; j += kLanes)
-      store(ds + i * ld + j, vscale * load(p + i * ld + j) * (load(dp + i * ld + j) - total), std::min(kLanes, n - j));
-  }
+      for (int r = 0; r < R; ++r)
+        dot[r] = at::vec::fmadd(load(p + (i0 + r) * ld + j), load(dp + (i0 + r) * ld + j), dot[r]);
+    for (int r = 0; r < R; ++r) dot[r] = Vec(hsum(dot[r]));
+    for (int64_t j = 0; j < n; j += kLanes)
+      for (int r = 0; r < R; ++r) {
+        const int64_t at = (i0 + r) * ld + j;
+        store(ds + at, vscale * load(p + at) * (load(dp + at) - dot[r]), std::min(kLanes, n - j));
+      }
+  });
 }
 }  // namespace
 
