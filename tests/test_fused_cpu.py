@@ -153,10 +153,14 @@ def test_attention_kernels_reject_what_they_do_not_handle(ops):
     with pytest.raises(RuntimeError, match="BFloat16"):
         ops.attention_fwd(torch.zeros(1, 4, 3 * 32), torch.zeros(96), 2, 1.0, False)
     qkv, bias, p = torch.zeros(2, 4, 96).bfloat16(), torch.zeros(96), torch.zeros(2, 2, 4, 4).bfloat16()
-    # the qkv layer's input for one image, not two
-    with pytest.raises(RuntimeError, match="as many rows as do"):
+    # the qkv layer's input, or the output gradient, for one image, not two
+    with pytest.raises(RuntimeError, match="x: expected 8 rows, got 4"):
         ops.attention_bwd(
             torch.zeros(2, 4, 32).bfloat16(), qkv, bias, p, torch.zeros(1, 4, 32).bfloat16(), 2, 1.0, False
+        )
+    with pytest.raises(RuntimeError, match="do: expected 8 rows, got 4"):
+        ops.attention_bwd(
+            torch.zeros(1, 4, 32).bfloat16(), qkv, bias, p, torch.zeros(2, 4, 32).bfloat16(), 2, 1.0, False
         )
 
 

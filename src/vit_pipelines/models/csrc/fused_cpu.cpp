@@ -591,6 +591,16 @@ struct WeightGradient {
   };
 };
 
+// The weight gradient of a dense layer with input x ([rows, in] bfloat16) and output gradient [rows, out], summed
+// in blocks of at most max_rows rows.
+WeightGradient weight_gradient(const torch::Tensor& x, int64_t rows, int64_t out, bool amx,
+                               int64_t max_rows = kTile) {
+  check_rows(x, torch::kBFloat16, x.size(-1), "x");
+  TORCH_CHECK(x.numel() / x.size(-1) == rows, "x: expected ", rows, " rows, got ", x.numel() / x.size(-1));
+  check_amx(amx);
+  return WeightGradient(out, x.size(-1), max_rows, amx);
+}
+
 // Calls rows(std::integral_constant<int, R>(), i) for row groups [i, i + R) covering [0, n), R = 4 but at the end:
 // a row's reductions (max, sum) are chains of dependent instructions, and R rows side by side keep the vector units
 // busy while each chain waits.
@@ -704,9 +714,9 @@ std::vector<torch::Tensor> attention_bwd(const torch::Tensor& dout, const torch:
   check_rows(x, torch::kBFloat16, width, "x");
   TORCH_CHECK(p.scalar_type() == torch::kBFloat16 && p.is_contiguous() && p.numel() == s.batch * heads * n * n,
               "p: expected contiguous bfloat16 [B, H, N, N]");
-  TORCH_CHECK(x.numel() == dout.numel(), "x: expected as many rows as do");
+  TORCH_CHECK(dout.numel() == s.batch * n * width, "do: expected ", s.batch * n, " rows, got ", dout.numel() / width);
   auto dqkv = torch::empty_like(qkv);
-  const WeightGradient dw(d3, width, kWgradRows + n, amx);
+  const WeightGradient dw = weight_gradient(x, s.batch * n, d3, amx, kWgradRows + n);
   ColumnSums sums(d3);
   const BFloat16 *pqkv = qkv.data_ptr<BFloat16>(), *pdo = dout.data_ptr<BFloat16>(), *pp = p.data_ptr<BFloat16>();
   const BFloat16* px = x.data_ptr<BFloat16>();
@@ -775,13 +785,6 @@ void for_row_blocks(int64_t rows, const WeightGradient* dw, const BFloat16* g, c
   });
 }
 
-// The weight gradient of a dense layer with input x ([rows, in] bfloat16) and output gradient [rows, out].
-WeightGradient weight_gradient(const torch::Tensor& x, int64_t rows, int64_t out, bool amx) {
-  check_rows(x, torch::kBFloat16, x.size(-1), "x");
-  TORCH_CHECK(x.numel() / x.size(-1) == rows, "x: expected ", rows, " rows, got ", x.numel() / x.size(-1));
-  check_amx(amx);
-  return WeightGradient(out, x.size(-1), kTile, amx);
-}
 
 // out[r][j] = value(r * cols + j) (16 float32 values from a flat index) rounded to bfloat16, over rows in parallel;
 // returns out, the column sums of the float32 values and outᵀ·x: a dense layer's output gradient with its bias and
@@ -871,7 +874,7 @@ std::vector<torch::Tensor> layer_norm_bwd(const torch::Tensor& dy, const torch::
         const Vec dx = Vec(rs) * (load(dyr + j) * load(pw + j) - Vec(m1) - xhat * Vec(m2));
         const Vec out = load(pg + r * d + j) + dx;
         store(pout + r * d + j, out);
-        if (pbf != nullptr) {
+        if (dense) {
           store(pbf + r * d + j, out);
           store(gs + j, load(gs + j) + out);
         }
