@@ -289,8 +289,8 @@ inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
 // Asks for slice `part` of `parts` of the cache lines of [p, p + bytes) to be brought into L2. attention_fwd spreads
 // the next image's qkv rows over the current image's heads: the hardware prefetcher, which follows a stream of
-// reads, stops with each pause for compute, and staging an image waited on memory (~18% of the kernel's time; this
-// won back ~6%; the same for attention_bwd's four inputs measured no gain).
+// reads, stops with each pause for compute, and reading an image in waited on memory (~18% of the kernel's time;
+// this won back ~6%; the same for attention_bwd's inputs measured no gain).
 inline void prefetch_part(const void* p, int64_t bytes, int64_t part, int64_t parts) {
   const char* c = static_cast<const char*>(p);
   const int64_t lines = (bytes + 63) / 64;
@@ -303,9 +303,9 @@ constexpr int64_t kWgradRows = 128;
 
 // c[m x n] (float32, row stride ldc) = a[m x k] (bf16, row stride lda) · b, plus c's own values where accumulate,
 // with b given as pair rows (tile_pairs_of_rows / tile_pairs_of_columns, row stride ldb ≥ 2n bf16). m, n multiples
-// of 16; k of 32. Each step
-// computes a 32 x 32 block of c in four accumulator tiles from two tiles of a and two of b (at the last row or
-// column of blocks, 16 wide where m or n is an odd multiple of 16: the tile ops are not asked for the missing half).
+// of 16; k of 32. Each step computes a 32 x 32 block of c in four accumulator tiles from two tiles of a and two of b
+// (at the last row or column of blocks, 16 wide where m or n is an odd multiple of 16: the tile ops are not asked
+// for the missing half).
 void tile_matmul(const BFloat16* a, int64_t lda, const BFloat16* b, int64_t ldb, float* c, int64_t ldc, int64_t m,
                  int64_t n, int64_t k, bool accumulate) {
   for (int64_t i = 0; i < m; i += 32) {
@@ -784,7 +784,6 @@ void for_row_blocks(int64_t rows, const WeightGradient* dw, const BFloat16* g, c
     }
   });
 }
-
 
 // out[r][j] = value(r * cols + j) (16 float32 values from a flat index) rounded to bfloat16, over rows in parallel;
 // returns out, the column sums of the float32 values and outᵀ·x: a dense layer's output gradient with its bias and
