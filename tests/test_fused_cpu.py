@@ -229,6 +229,54 @@ def test_fused_training_step_is_as_accurate_as_autocast(ops, monkeypatch):
         assert error < 0.03, name
 
 
+def test_each_block_hands_the_next_its_output_rows_normalized(ops, monkeypatch):
+    """In the encoder each fused block's last residual add also runs the next block's first layer norm, and the
+    next block runs none of its own: one `layer_norm_fwd` per forward pass, the same bits as blocks run one by one.
+    A hook that replaces a block's output, or changes it in place, leaves the next block to normalize its input."""
+    config = ViTConfig.from_variant("Ti/4", image_size=32, num_classes=10, depth=3)
+    model = VisionTransformer.from_seed(config, 0)
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    norms = []
+    monkeypatch.setattr(ops, "layer_norm_fwd", lambda *a, _f=ops.layer_norm_fwd: norms.append(1) or _f(*a))
+
+    def blocks_one_by_one(x: torch.Tensor, blocks=model.blocks) -> torch.Tensor:
+        for block in blocks:
+            x, _ = block(x)
+        return x
+
+    inputs = []  # the first block's input: embedded patches, [class] token and position embeddings, in float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tokens = model.patch_embed(images)
+        with model.blocks[0].register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach())):
+            handed = model.encode(tokens)["tokens"]
+        assert len(norms) == 1
+        handed.float().square().sum().backward()
+        handed_grads = [p.grad.clone() for p in model.blocks.parameters()]
+        model.zero_grad()
+        alone = model.norm(blocks_one_by_one(inputs[0]))
+        assert len(norms) == 1 + config.depth
+        alone.float().square().sum().backward()
+    assert torch.equal(handed, alone)
+    for handed_grad, p in zip(handed_grads, model.blocks.parameters(), strict=True):
+        assert torch.equal(handed_grad, p.grad)
+
+    def replace(module, args, out):
+        return 2 * out[0], None
+
+    def change_in_place(module, args, out):
+        out[0].mul_(2)
+
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want, _ = model.blocks[0](inputs[0])
+        want = model.norm(blocks_one_by_one(2 * want, model.blocks[1:]))
+        for hook in (replace, change_in_place):
+            norms.clear()
+            with model.blocks[0].register_forward_hook(hook):
+                got = model.encode(tokens)["tokens"]
+            assert len(norms) == 2, hook.__name__
+            assert torch.equal(got, want), hook.__name__
+
+
 def test_fused_path_applies_only_where_it_computes_the_same_function(ops, monkeypatch):
     config = ViTConfig.from_variant("Ti/16", image_size=32, num_classes=4, depth=1, dropout=0.1)
     block = VisionTransformer.from_seed(config, 0).blocks[0]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from pathlib import Path
 from types import ModuleType
 
@@ -64,7 +65,7 @@ def kernels() -> ModuleType | None:
 
 def applies(block: torch.nn.Module, x: torch.Tensor) -> bool:
     """Whether `fused_block` computes `block(x)` here: bf16 autocast on CPU, float32 input, no dropout active,
-    widths the kernels handle, not being traced by `torch.compile`, kernels built."""
+    widths the kernels handle, one eps for both layer norms, not being traced by `torch.compile`, kernels built."""
     attn = block.attn
     width, heads = x.shape[-1], attn.num_heads
     dropout = block.training and (attn.attention_dropout > 0 or attn.proj_drop.p > 0 or block.mlp[2].p > 0)
@@ -78,16 +79,26 @@ def applies(block: torch.nn.Module, x: torch.Tensor) -> bool:
         and width % 16 == 0
         and block.mlp[0].out_features % 16 == 0
         and (width // heads) % 16 == 0
+        and block.norm1.eps == block.norm2.eps
         and not torch.compiler.is_compiling()
         and kernels() is not None
     )
 
 
-def fused_block(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`block(x)` for a `vit.Block` through the fused kernels (check `applies` first)."""
+def fused_block(
+    block: torch.nn.Module, x: torch.Tensor, next_norm: torch.nn.LayerNorm | None = None
+) -> torch.Tensor:
+    """`block(x)` for a `vit.Block` through the fused kernels (check `applies` first). With `next_norm`, the next
+    block's first layer norm, the last residual add also normalizes each output row while it is in cache, and the
+    next block's `fused_block` takes those rows instead of reading its input again for its layer norm."""
     attn, mlp = block.attn, block.mlp
-    return _FusedBlock.apply(
-        x.contiguous(),
+    x = x.contiguous()
+    if next_norm is not None and next_norm.eps != block.norm1.eps:  # the kernel takes one eps for both
+        next_norm = None
+    following = (next_norm.weight, next_norm.bias) if next_norm is not None else (None, None)
+    out, *normalized = _FusedBlock.apply(
+        x,
+        *_Handover.take(x, block.norm1),
         block.norm1.weight,
         block.norm1.bias,
         attn.qkv.weight,
@@ -100,20 +111,51 @@ def fused_block(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         mlp[0].bias,
         mlp[3].weight,
         mlp[3].bias,
+        *following,
         attn.num_heads,
         block.norm1.eps,
     )
+    if next_norm is not None:
+        _Handover.keep(out, next_norm, normalized)
+    return out
+
+
+class _Handover:
+    """A block's output normalized by the next block's first layer norm, held until that block asks for it. It is
+    used only for the very tensor it was computed from (same object, not modified since) and the same layer norm
+    (same module, parameters not modified since); anything else (a hook replacing a block's output, a caller
+    running the blocks its own way) finds nothing and normalizes its input itself."""
+
+    held: tuple | None = None  # (weakref to the output, versions, norm, [h, mean, rstd])
+
+    @staticmethod
+    def versions(x: torch.Tensor, norm: torch.nn.LayerNorm) -> tuple[int, int, int]:
+        return x._version, norm.weight._version, norm.bias._version
+
+    @classmethod
+    def keep(cls, out: torch.Tensor, norm: torch.nn.LayerNorm, normalized: list[torch.Tensor]) -> None:
+        cls.held = (weakref.ref(out), cls.versions(out, norm), norm, normalized)
+
+    @classmethod
+    def take(cls, x: torch.Tensor, norm: torch.nn.LayerNorm) -> list[torch.Tensor | None]:
+        held, cls.held = cls.held, None
+        if held is not None and held[0]() is x and held[2] is norm and held[1] == cls.versions(x, norm):
+            return held[3]
+        return [None, None, None]
 
 
 class _FusedBlock(torch.autograd.Function):
-    """x + proj(attention(LN1(x))) = x1; x1 + fc2(GELU(fc1(LN2(x1)))). Shapes: x [B, N, D]; M = B·N rows."""
+    """x + proj(attention(LN1(x))) = x1; x1 + fc2(GELU(fc1(LN2(x1)))). Shapes: x [B, N, D]; M = B·N rows.
+    LN1(x) comes in as (h1, mean1, rstd1) where the previous block computed it, else they are None; with the
+    next block's layer norm (next_w, next_b), the outputs after `out` are that norm of it, else None."""
 
     @staticmethod
-    def forward(ctx, x, ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w, fc2_b, heads, eps):  # fmt: skip
+    def forward(ctx, x, h1, mean1, rstd1, ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w, fc2_b, next_w, next_b, heads, eps):  # fmt: skip
         ops, (b, n, d) = _kernels, x.shape
         scale = (d // heads) ** -0.5
         w_qkv, w_proj, w_fc1, w_fc2 = (w.to(torch.bfloat16) for w in (qkv_w, proj_w, fc1_w, fc2_w))
-        h1, mean1, rstd1 = ops.layer_norm_fwd(x, ln1_w, ln1_b, eps)
+        if h1 is None:
+            h1, mean1, rstd1 = ops.layer_norm_fwd(x, ln1_w, ln1_b, eps)
         qkv = torch.mm(h1.view(-1, d), w_qkv.t()).view(b, n, 3 * d)
         o, p = ops.attention_fwd(qkv, qkv_b, heads, scale, _amx)
         # the residual add and the second layer norm in one pass over the rows
@@ -122,15 +164,20 @@ class _FusedBlock(torch.autograd.Function):
         )
         z = torch.mm(h2.view(-1, d), w_fc1.t())
         a, gelu_grad = ops.bias_gelu_fwd(z, fc1_b)
-        (out,) = ops.add_bias_residual(x1, torch.mm(a, w_fc2.t()).view(b, n, d), fc2_b, None, None, eps)
+        # and the last residual add with the next block's first layer norm, where there is one
+        out, *following = ops.add_bias_residual(
+            x1, torch.mm(a, w_fc2.t()).view(b, n, d), fc2_b, next_w, next_b, eps
+        )
+        ctx.mark_non_differentiable(*following)
+        ctx.set_materialize_grads(False)  # no zero gradients for those
         ctx.save_for_backward(x, h1, mean1, rstd1, qkv, p, o, x1, h2, mean2, rstd2, a, gelu_grad)
         ctx.params = (ln1_w, w_qkv, qkv_b, w_proj, ln2_w, w_fc1, w_fc2)
         ctx.heads = heads
         ctx.scale = scale
-        return out
+        return (out, *following) if following else (out, None, None, None)
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx, g, *_):  # nothing flows back through the next block's layer norm rows
         ops, scale = _kernels, ctx.scale
         x, h1, mean1, rstd1, qkv, p, o, x1, h2, mean2, rstd2, a, gelu_grad = ctx.saved_tensors
         ln1_w, w_qkv, qkv_b, w_proj, ln2_w, w_fc1, w_fc2 = ctx.params
@@ -153,4 +200,4 @@ class _FusedBlock(torch.autograd.Function):
         gx, dln1_w, dln1_b = ops.layer_norm_bwd(torch.mm(dqkv, w_qkv).view(b, n, d), x, mean1, rstd1, ln1_w, g1, None, _amx)  # fmt: skip
         # every parameter gradient comes out of the kernels in float32, the parameters' dtype
         grads = (dw_qkv, db_qkv, dw_proj, db_proj, dln2_w, dln2_b, dw_fc1, db_fc1, dw_fc2, db_fc2)
-        return (gx, dln1_w, dln1_b, *grads, None, None)
+        return (gx, None, None, None, dln1_w, dln1_b, *grads, None, None, None, None)

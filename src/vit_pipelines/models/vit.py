@@ -71,10 +71,12 @@ class Block(nn.Module):
         self.mlp = Mlp(config.width, config.mlp_dim, config.dropout)
 
     def forward(
-        self, x: torch.Tensor, return_attention: bool = False
+        self, x: torch.Tensor, return_attention: bool = False, next_norm: nn.LayerNorm | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`next_norm`, the next block's first layer norm, lets the fused CPU path normalize the output rows for
+        that block while they are in cache (the result does not change)."""
         if not return_attention and fused_cpu.applies(self, x):
-            return fused_cpu.fused_block(self, x), None
+            return fused_cpu.fused_block(self, x, next_norm), None
         y, weights = self.attn(self.norm1(x), return_attention)
         x = x + y
         return x + self.mlp(self.norm2(x)), weights
@@ -193,8 +195,9 @@ class VisionTransformer(nn.Module):
             x = x + pe
         x = self.pos_drop(x)
         attention = []
-        for block in self.blocks:
-            x, weights = block(x, return_attention)
+        for i, block in enumerate(self.blocks):
+            following = self.blocks[i + 1].norm1 if i + 1 < len(self.blocks) else None
+            x, weights = block(x, return_attention, following)
             attention.append(weights)
         x = self.norm(x)
         pooled = x[:, 0] if self.cls_token is not None else x.mean(dim=1)
