@@ -1,6 +1,7 @@
 """The fused bf16 CPU encoder block computes the plain block's function, as accurately as autocast does."""
 
 import os
+from collections import Counter
 
 import pytest
 import torch
@@ -229,36 +230,67 @@ def test_fused_training_step_is_as_accurate_as_autocast(ops, monkeypatch):
         assert error < 0.03, name
 
 
-def test_each_block_hands_the_next_its_output_rows_normalized(ops, monkeypatch):
-    """In the encoder each fused block's last residual add also runs the next block's first layer norm, and the
-    next block runs none of its own: one `layer_norm_fwd` per forward pass, the same bits as blocks run one by one.
-    A hook that replaces a block's output, or changes it in place, leaves the next block to normalize its input."""
+def test_neighbouring_blocks_share_passes_over_the_rows(ops, monkeypatch):
+    """In the encoder, forward, each fused block's last residual add also runs the next block's first layer norm
+    (one `layer_norm_fwd` per pass instead of one per block); backward, each block's first layer-norm pass also
+    computes the previous block's fc2 gradients (one `cast_colsum` instead of one per block). The same bits as the
+    blocks run one by one. Where a hook replaces a block's output or changes it in place, the next block normalizes
+    its input itself; where the output is used twice (its gradient is a sum), the block computes its fc2 gradients."""
     config = ViTConfig.from_variant("Ti/4", image_size=32, num_classes=10, depth=3)
     model = VisionTransformer.from_seed(config, 0)
     images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    norms = []
-    monkeypatch.setattr(ops, "layer_norm_fwd", lambda *a, _f=ops.layer_norm_fwd: norms.append(1) or _f(*a))
+    calls = Counter()
 
-    def blocks_one_by_one(x: torch.Tensor, blocks=model.blocks) -> torch.Tensor:
+    def counted(name: str):
+        kernel = getattr(ops, name)
+
+        def call(*args):
+            calls[name] += 1
+            return kernel(*args)
+
+        return call
+
+    for name in ("layer_norm_fwd", "cast_colsum"):
+        monkeypatch.setattr(ops, name, counted(name))
+
+    def one_by_one(x: torch.Tensor, blocks=model.blocks) -> torch.Tensor:
         for block in blocks:
             x, _ = block(x)
         return x
 
-    inputs = []  # the first block's input: embedded patches, [class] token and position embeddings, in float32
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        tokens = model.patch_embed(images)
-        with model.blocks[0].register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach())):
-            handed = model.encode(tokens)["tokens"]
-        assert len(norms) == 1
-        handed.float().square().sum().backward()
-        handed_grads = [p.grad.clone() for p in model.blocks.parameters()]
+    def training_pass(forward) -> tuple[torch.Tensor, list[torch.Tensor], dict[str, int]]:
+        """forward() → (output, extra loss term): the output, the blocks' gradients, the kernel calls."""
         model.zero_grad()
-        alone = model.norm(blocks_one_by_one(inputs[0]))
-        assert len(norms) == 1 + config.depth
-        alone.float().square().sum().backward()
-    assert torch.equal(handed, alone)
-    for handed_grad, p in zip(handed_grads, model.blocks.parameters(), strict=True):
-        assert torch.equal(handed_grad, p.grad)
+        calls.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, extra = forward()
+            (out.float().square().sum() + extra).backward()
+        return out.detach(), [p.grad.clone() for p in model.blocks.parameters()], dict(calls)
+
+    inputs, outputs = [], []  # the first block's input (float32: after the position embedding) and output
+    with model.blocks[0].register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach())):
+        handed = training_pass(lambda: (model.encode(model.patch_embed(images))["tokens"], 0))
+    alone = training_pass(lambda: (model.norm(one_by_one(inputs[0])), 0))
+    assert handed[2] == {"layer_norm_fwd": 1, "cast_colsum": 1} and alone[2] == {
+        "layer_norm_fwd": 3,
+        "cast_colsum": 3,
+    }
+    assert torch.equal(handed[0], alone[0])
+    for handed_grad, grad in zip(handed[1], alone[1], strict=True):
+        assert torch.equal(handed_grad, grad)
+
+    # block 0's output used twice: block 1's gradient for it is not the one block 0 receives
+    with model.blocks[0].register_forward_hook(lambda module, args, out: outputs.append(out[0])):
+        twice = training_pass(lambda: (model.encode(model.patch_embed(images))["tokens"], outputs[-1].sum()))
+
+    def used_twice_one_by_one() -> tuple[torch.Tensor, torch.Tensor]:
+        first, _ = model.blocks[0](inputs[0])
+        return model.norm(one_by_one(first, model.blocks[1:])), first.sum()
+
+    alone = training_pass(used_twice_one_by_one)
+    assert twice[2] == {"layer_norm_fwd": 1, "cast_colsum": 2}
+    for twice_grad, grad in zip(twice[1], alone[1], strict=True):
+        assert torch.equal(twice_grad, grad)
 
     def replace(module, args, out):
         return 2 * out[0], None
@@ -268,12 +300,12 @@ def test_each_block_hands_the_next_its_output_rows_normalized(ops, monkeypatch):
 
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         want, _ = model.blocks[0](inputs[0])
-        want = model.norm(blocks_one_by_one(2 * want, model.blocks[1:]))
+        want = model.norm(one_by_one(2 * want, model.blocks[1:]))
         for hook in (replace, change_in_place):
-            norms.clear()
+            calls.clear()
             with model.blocks[0].register_forward_hook(hook):
-                got = model.encode(tokens)["tokens"]
-            assert len(norms) == 2, hook.__name__
+                got = model.encode(model.patch_embed(images))["tokens"]
+            assert calls["layer_norm_fwd"] == 2, hook.__name__
             assert torch.equal(got, want), hook.__name__
 
 

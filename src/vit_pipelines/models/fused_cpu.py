@@ -89,16 +89,17 @@ def fused_block(
     block: torch.nn.Module, x: torch.Tensor, next_norm: torch.nn.LayerNorm | None = None
 ) -> torch.Tensor:
     """`block(x)` for a `vit.Block` through the fused kernels (check `applies` first). With `next_norm`, the next
-    block's first layer norm, the last residual add also normalizes each output row while it is in cache, and the
-    next block's `fused_block` takes those rows instead of reading its input again for its layer norm."""
+    block's first layer norm, neighbouring blocks share passes over the rows (`_Handover`): forward, this block's
+    last residual add also normalizes its output rows for the next block; backward, the next block's last layer-norm
+    pass also computes this block's fc2 output gradient with its bias and weight gradients."""
     attn, mlp = block.attn, block.mlp
     x = x.contiguous()
     if next_norm is not None and next_norm.eps != block.norm1.eps:  # the kernel takes one eps for both
         next_norm = None
     following = (next_norm.weight, next_norm.bias) if next_norm is not None else (None, None)
-    out, *normalized = _FusedBlock.apply(
+    out, *handed = _FusedBlock.apply(
         x,
-        *_Handover.take(x, block.norm1),
+        *_Handover.take_forward(x, block.norm1),
         block.norm1.weight,
         block.norm1.bias,
         attn.qkv.weight,
@@ -116,41 +117,62 @@ def fused_block(
         block.norm1.eps,
     )
     if next_norm is not None:
-        _Handover.keep(out, next_norm, normalized)
+        _Handover.give_forward(out, next_norm, handed)
     return out
 
 
 class _Handover:
-    """A block's output normalized by the next block's first layer norm, held until that block asks for it. It is
-    used only for the very tensor it was computed from (same object, not modified since) and the same layer norm
-    (same module, parameters not modified since); anything else (a hook replacing a block's output, a caller
-    running the blocks its own way) finds nothing and normalizes its input itself."""
+    """What a block computes for its neighbour in the encoder, held until the neighbour asks for it.
 
-    held: tuple | None = None  # (weakref to the output, versions, norm, [h, mean, rstd])
+    Forward, block i gives block i + 1 its output normalized by block i + 1's first layer norm (h, mean, rstd) and
+    its GELU output a. Backward, block i + 1's first layer-norm backward pass, given that a, also rounds its input
+    gradient g (block i's output gradient) to bf16 and sums g's columns and gᵀ·a: block i's fc2 output gradient with
+    fc2's bias and weight gradients, which block i then takes instead of reading g again. Each is used only for the
+    very tensor it was computed from (same object, not modified since) and, forward, the same layer norm (same
+    module, parameters not modified since); anything else (a hook replacing a block's output, gradients of an output
+    used twice, a caller running the blocks its own way) finds nothing, and the block does that work itself."""
+
+    forward: tuple | None = None  # (weakref to block i's output, versions, the norm, [h, mean, rstd, a])
+    backward: tuple | None = (
+        None  # (block i's output gradient, its version, [g in bf16, fc2's bias and weight grads])
+    )
 
     @staticmethod
     def versions(x: torch.Tensor, norm: torch.nn.LayerNorm) -> tuple[int, int, int]:
         return x._version, norm.weight._version, norm.bias._version
 
     @classmethod
-    def keep(cls, out: torch.Tensor, norm: torch.nn.LayerNorm, normalized: list[torch.Tensor]) -> None:
-        cls.held = (weakref.ref(out), cls.versions(out, norm), norm, normalized)
+    def give_forward(cls, out: torch.Tensor, norm: torch.nn.LayerNorm, values: list[torch.Tensor]) -> None:
+        cls.forward = (weakref.ref(out), cls.versions(out, norm), norm, values)
 
     @classmethod
-    def take(cls, x: torch.Tensor, norm: torch.nn.LayerNorm) -> list[torch.Tensor | None]:
-        held, cls.held = cls.held, None
+    def take_forward(cls, x: torch.Tensor, norm: torch.nn.LayerNorm) -> list[torch.Tensor | None]:
+        held, cls.forward = cls.forward, None
         if held is not None and held[0]() is x and held[2] is norm and held[1] == cls.versions(x, norm):
             return held[3]
-        return [None, None, None]
+        return [None] * 4
+
+    @classmethod
+    def give_backward(cls, g: torch.Tensor, values: list[torch.Tensor]) -> None:
+        # a strong reference: autograd hands the previous block this very tensor object while it lives
+        cls.backward = (g, g._version, values)
+
+    @classmethod
+    def take_backward(cls, g: torch.Tensor) -> list[torch.Tensor] | None:
+        held, cls.backward = cls.backward, None
+        if held is not None and held[0] is g and held[1] == g._version:
+            return held[2]
+        return None
 
 
 class _FusedBlock(torch.autograd.Function):
     """x + proj(attention(LN1(x))) = x1; x1 + fc2(GELU(fc1(LN2(x1)))). Shapes: x [B, N, D]; M = B·N rows.
-    LN1(x) comes in as (h1, mean1, rstd1) where the previous block computed it, else they are None; with the
-    next block's layer norm (next_w, next_b), the outputs after `out` are that norm of it, else None."""
+    From the previous block, where it computed them (else None): LN1(x) as (h1, mean1, rstd1) and its GELU output
+    a_prev. With the next block's layer norm (next_w, next_b), the outputs after `out` are that norm of it and this
+    block's a, else None."""
 
     @staticmethod
-    def forward(ctx, x, h1, mean1, rstd1, ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w, fc2_b, next_w, next_b, heads, eps):  # fmt: skip
+    def forward(ctx, x, h1, mean1, rstd1, a_prev, ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w, fc2_b, next_w, next_b, heads, eps):  # fmt: skip
         ops, (b, n, d) = _kernels, x.shape
         scale = (d // heads) ** -0.5
         w_qkv, w_proj, w_fc1, w_fc2 = (w.to(torch.bfloat16) for w in (qkv_w, proj_w, fc1_w, fc2_w))
@@ -168,18 +190,20 @@ class _FusedBlock(torch.autograd.Function):
         out, *following = ops.add_bias_residual(
             x1, torch.mm(a, w_fc2.t()).view(b, n, d), fc2_b, next_w, next_b, eps
         )
-        ctx.mark_non_differentiable(*following)
+        if following:
+            following.append(a)
+            ctx.mark_non_differentiable(*following)
         ctx.set_materialize_grads(False)  # no zero gradients for those
-        ctx.save_for_backward(x, h1, mean1, rstd1, qkv, p, o, x1, h2, mean2, rstd2, a, gelu_grad)
+        ctx.save_for_backward(x, h1, mean1, rstd1, qkv, p, o, x1, h2, mean2, rstd2, a, gelu_grad, a_prev)
         ctx.params = (ln1_w, w_qkv, qkv_b, w_proj, ln2_w, w_fc1, w_fc2)
         ctx.heads = heads
         ctx.scale = scale
-        return (out, *following) if following else (out, None, None, None)
+        return (out, *following) if following else (out, None, None, None, None)
 
     @staticmethod
-    def backward(ctx, g, *_):  # nothing flows back through the next block's layer norm rows
+    def backward(ctx, g, *_):  # nothing flows back through what the next block was handed
         ops, scale = _kernels, ctx.scale
-        x, h1, mean1, rstd1, qkv, p, o, x1, h2, mean2, rstd2, a, gelu_grad = ctx.saved_tensors
+        x, h1, mean1, rstd1, qkv, p, o, x1, h2, mean2, rstd2, a, gelu_grad, a_prev = ctx.saved_tensors
         ln1_w, w_qkv, qkv_b, w_proj, ln2_w, w_fc1, w_fc2 = ctx.params
         (b, n, d), heads = x.shape, ctx.heads
         # MLP branch: out = x1 + fc2(GELU(fc1(h2))).
@@ -187,7 +211,8 @@ class _FusedBlock(torch.autograd.Function):
         # tiles, block by block while g is in cache (cast_colsum: fc2, mul_colsum: fc1, layer_norm_bwd: proj,
         # attention_bwd: qkv): oneDNN ran these products through g's transposed view at half its rate for the
         # others, or from a transposed copy of g that the kernel had to write.
-        dy2, db_fc2, dw_fc2 = ops.cast_colsum(g.contiguous(), a, _amx)
+        handed = _Handover.take_backward(g)
+        dy2, db_fc2, dw_fc2 = handed if handed is not None else ops.cast_colsum(g.contiguous(), a, _amx)
         dy2 = dy2.view(-1, d)
         dz, db_fc1, dw_fc1 = ops.mul_colsum(torch.mm(dy2, w_fc2), gelu_grad, h2, _amx)
         g1, dln2_w, dln2_b, dy1, db_proj, dw_proj = ops.layer_norm_bwd(
@@ -197,7 +222,10 @@ class _FusedBlock(torch.autograd.Function):
         do = torch.mm(dy1.view(-1, d), w_proj).view(b, n, d)
         dqkv, dw_qkv, db_qkv = ops.attention_bwd(do, qkv, qkv_b, p, h1, heads, scale, _amx)
         dqkv = dqkv.view(-1, 3 * d)
-        gx, dln1_w, dln1_b = ops.layer_norm_bwd(torch.mm(dqkv, w_qkv).view(b, n, d), x, mean1, rstd1, ln1_w, g1, None, _amx)  # fmt: skip
+        # the first layer norm's backward pass, with the previous block's fc2 gradients where it handed over its a
+        gx, dln1_w, dln1_b, *previous = ops.layer_norm_bwd(torch.mm(dqkv, w_qkv).view(b, n, d), x, mean1, rstd1, ln1_w, g1, a_prev, _amx)  # fmt: skip
+        if previous:
+            _Handover.give_backward(gx, previous)
         # every parameter gradient comes out of the kernels in float32, the parameters' dtype
         grads = (dw_qkv, db_qkv, dw_proj, db_proj, dln2_w, dln2_b, dw_fc1, db_fc1, dw_fc2, db_fc2)
-        return (gx, None, None, None, dln1_w, dln1_b, *grads, None, None, None, None)
+        return (gx, None, None, None, None, dln1_w, dln1_b, *grads, None, None, None, None)
