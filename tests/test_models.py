@@ -73,6 +73,26 @@ def test_tok_pools_the_class_token_and_gap_averages_the_patches():
     torch.testing.assert_close(out["pre_logits"], out["tokens"].mean(dim=1))
 
 
+@pytest.mark.parametrize("pool, normalized", [("tok", (3, 32)), ("gap", (3, 16, 32))])
+def test_pre_logits_alone_normalize_only_what_is_pooled(pool, normalized):
+    """`forward_features(tokens=False)`, which `forward` uses: no `tokens`, the same `pre_logits`, logits and
+    gradients; with [class]-token pooling the final layer norm sees that token alone."""
+    model, images = small(pool=pool), torch.randn(3, 3, 32, 32)
+    shapes = []
+    model.norm.register_forward_hook(lambda module, args, out: shapes.append(tuple(args[0].shape)))
+    full, alone = model.forward_features(images), model.forward_features(images, tokens=False)
+    assert "tokens" not in alone and shapes[-1] == normalized
+    assert torch.equal(alone["pre_logits"], full["pre_logits"])
+    grads = []
+    for logits in (model.head(model.forward_features(images)["pre_logits"]), model(images)):
+        model.zero_grad()
+        logits.square().sum().backward()
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
+    assert torch.equal(logits, model.head(full["pre_logits"]))
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_representation_size_adds_a_tanh_pre_logits_layer():
     model = small(representation_size=12).eval()
     out = model.forward_features(torch.randn(2, 3, 32, 32))

@@ -31,7 +31,7 @@ def extract_features(
     features, labels = [], []
     for batch in tqdm(eval_loader(cache, pp, batch_size), desc=desc, leave=False):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = model.forward_features(batch["images"].to(device))["pre_logits"]
+            out = model.forward_features(batch["images"].to(device), tokens=False)["pre_logits"]
         features.append(out.float().cpu().numpy())
         labels.append(batch["labels"].numpy())
     model.train(was_training)

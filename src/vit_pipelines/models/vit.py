@@ -173,17 +173,23 @@ class VisionTransformer(nn.Module):
             return self.pos_embed_2d()
         return getattr(self, "pos_embed_fixed", None)
 
-    def forward_features(self, images: torch.Tensor, return_attention: bool = False) -> dict[str, object]:
+    def forward_features(
+        self, images: torch.Tensor, return_attention: bool = False, tokens: bool = True
+    ) -> dict[str, object]:
         """Returns `tokens` `[B, prefix + N, D]` after the final norm, `pre_logits` `[B, D or rep]`,
-        `grid` (rows, columns) and, if asked, `attention`: per layer `[B, heads, prefix + N, prefix + N]`."""
+        `grid` (rows, columns) and, if asked, `attention`: per layer `[B, heads, prefix + N, prefix + N]`.
+        `tokens=False` leaves `tokens` out, for callers that want only `pre_logits`: with [class]-token pooling
+        the final layer norm then runs on that token alone (it is per token, so `pre_logits` are the same)."""
         if images.shape[-2:] != self.config.image_size:
             raise ValueError(
                 f"images are {tuple(images.shape[-2:])} but the model was built for {self.config.image_size}; "
                 "resize the position embedding for a new resolution"
             )
-        return self.encode(self.patch_embed(images), return_attention)
+        return self.encode(self.patch_embed(images), return_attention, tokens)
 
-    def encode(self, x: torch.Tensor, return_attention: bool = False) -> dict[str, object]:
+    def encode(
+        self, x: torch.Tensor, return_attention: bool = False, tokens: bool = True
+    ) -> dict[str, object]:
         """`forward_features` from the patch embeddings `[B, N, D]` on (masked patch prediction corrupts them)."""
         pe = self.position_embedding()
         covers_prefix = self.pos_embed is not None and self.cls_token is not None
@@ -199,19 +205,20 @@ class VisionTransformer(nn.Module):
             following = self.blocks[i + 1].norm1 if i + 1 < len(self.blocks) else None
             x, weights = block(x, return_attention, following)
             attention.append(weights)
-        x = self.norm(x)
-        pooled = x[:, 0] if self.cls_token is not None else x.mean(dim=1)
-        out: dict[str, object] = {
-            "tokens": x,
-            "pre_logits": self.pre_logits(pooled),
-            "grid": self.config.grid_size,
-        }
+        if self.cls_token is not None and not tokens:
+            pooled = self.norm(x[:, 0])
+        else:
+            x = self.norm(x)
+            pooled = x[:, 0] if self.cls_token is not None else x.mean(dim=1)
+        out: dict[str, object] = {"pre_logits": self.pre_logits(pooled), "grid": self.config.grid_size}
+        if tokens:
+            out["tokens"] = x
         if return_attention:
             out["attention"] = attention
         return out
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(images)["pre_logits"])
+        return self.head(self.forward_features(images, tokens=False)["pre_logits"])
 
     def patch_tokens(self, features: dict[str, object]) -> torch.Tensor:
         """The final patch-token grid `[B, rows, columns, D]`, [class] token excluded."""

@@ -111,7 +111,7 @@ class Classification(nn.Module):
         self.terms = ("classification_loss", "drloc_loss") if drloc is not None else ()
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> StepOutput:
-        features = self.model.forward_features(images)
+        features = self.model.forward_features(images, tokens=self.drloc is not None)
         logits = self.model.head(features["pre_logits"])
         loss = classification_loss(logits, labels, self.loss, self.label_smoothing)
         correct = logits.argmax(-1) == labels
