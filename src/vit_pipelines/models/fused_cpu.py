@@ -90,8 +90,8 @@ def fused_block(
 ) -> torch.Tensor:
     """`block(x)` for a `vit.Block` through the fused kernels (check `applies` first). With `next_norm`, the next
     block's first layer norm, neighbouring blocks share passes over the rows (`_Handover`): forward, this block's
-    last residual add also normalizes its output rows for the next block; backward, the next block's last layer-norm
-    pass also computes this block's fc2 output gradient with its bias and weight gradients."""
+    last residual add also normalizes its output rows for the next block; backward, the backward pass of the next
+    block's first layer norm also computes this block's fc2 output gradient with its bias and weight gradients."""
     attn, mlp = block.attn, block.mlp
     x = x.contiguous()
     if next_norm is not None and next_norm.eps != block.norm1.eps:  # the kernel takes one eps for both
@@ -132,10 +132,10 @@ class _Handover:
     module, parameters not modified since); anything else (a hook replacing a block's output, gradients of an output
     used twice, a caller running the blocks its own way) finds nothing, and the block does that work itself."""
 
-    forward: tuple | None = None  # (weakref to block i's output, versions, the norm, [h, mean, rstd, a])
-    backward: tuple | None = (
-        None  # (block i's output gradient, its version, [g in bf16, fc2's bias and weight grads])
-    )
+    # (weakref to block i's output, versions, the norm, [h, mean, rstd, a])
+    forward: tuple | None = None
+    # (block i's output gradient, its version, [g in bf16, fc2's bias and weight gradients])
+    backward: tuple | None = None
 
     @staticmethod
     def versions(x: torch.Tensor, norm: torch.nn.LayerNorm) -> tuple[int, int, int]:
