@@ -306,6 +306,14 @@ def test_neighbouring_blocks_share_passes_over_the_rows(ops, monkeypatch):
             assert calls["layer_norm_fwd"] == 2, hook.__name__
             assert torch.equal(got, want), hook.__name__
 
+    # under inference_mode, whose tensors carry no version counter to check, each block normalizes its own input
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model(images)
+    calls.clear()
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(model(images), want)
+    assert calls["layer_norm_fwd"] == config.depth
+
 
 def test_fused_path_applies_only_where_it_computes_the_same_function(ops, monkeypatch):
     config = ViTConfig.from_variant("Ti/16", image_size=32, num_classes=4, depth=1, dropout=0.1)

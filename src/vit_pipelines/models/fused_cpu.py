@@ -116,7 +116,7 @@ def fused_block(
         attn.num_heads,
         block.norm1.eps,
     )
-    if next_norm is not None:
+    if next_norm is not None and not out.is_inference():  # inference tensors have no version counter to check
         _Handover.give_forward(out, next_norm, handed)
     return out
 
