@@ -315,6 +315,21 @@ def test_neighbouring_blocks_share_passes_over_the_rows(ops, monkeypatch):
     assert calls["layer_norm_fwd"] == config.depth
 
 
+def test_each_layer_norm_keeps_its_own_eps(ops, monkeypatch):
+    """The fused path reads each layer norm's own eps: the block's first and second, and the next block's first
+    that the block's last residual add computes. Large, different values make a mix-up show."""
+    config = ViTConfig.from_variant("Ti/4", image_size=32, num_classes=10, depth=2)
+    model = VisionTransformer.from_seed(config, 0).eval()
+    model.blocks[0].norm2.eps, model.blocks[1].norm1.eps, model.blocks[1].norm2.eps = 0.25, 0.5, 0.125
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = model.forward_features(images)["tokens"]
+        monkeypatch.setattr(fused_cpu, "_kernels", None)
+        plain = model.forward_features(images)["tokens"]
+    # bf16 roundings differ between the paths: ~0.3% of the tokens' norm; any one eps mixed up: 9-13%
+    assert (fused - plain).norm() / plain.norm() < 0.01
+
+
 def test_fused_path_applies_only_where_it_computes_the_same_function(ops, monkeypatch):
     config = ViTConfig.from_variant("Ti/16", image_size=32, num_classes=4, depth=1, dropout=0.1)
     block = VisionTransformer.from_seed(config, 0).blocks[0]

@@ -65,7 +65,7 @@ def kernels() -> ModuleType | None:
 
 def applies(block: torch.nn.Module, x: torch.Tensor) -> bool:
     """Whether `fused_block` computes `block(x)` here: bf16 autocast on CPU, float32 input, no dropout active,
-    widths the kernels handle, one eps for both layer norms, not being traced by `torch.compile`, kernels built."""
+    widths the kernels handle, not being traced by `torch.compile`, kernels built."""
     attn = block.attn
     width, heads = x.shape[-1], attn.num_heads
     dropout = block.training and (attn.attention_dropout > 0 or attn.proj_drop.p > 0 or block.mlp[2].p > 0)
@@ -79,7 +79,6 @@ def applies(block: torch.nn.Module, x: torch.Tensor) -> bool:
         and width % 16 == 0
         and block.mlp[0].out_features % 16 == 0
         and (width // heads) % 16 == 0
-        and block.norm1.eps == block.norm2.eps
         and not torch.compiler.is_compiling()
         and kernels() is not None
     )
@@ -94,9 +93,10 @@ def fused_block(
     block's first layer norm also computes this block's fc2 output gradient with its bias and weight gradients."""
     attn, mlp = block.attn, block.mlp
     x = x.contiguous()
-    if next_norm is not None and next_norm.eps != block.norm1.eps:  # the kernel takes one eps for both
-        next_norm = None
-    following = (next_norm.weight, next_norm.bias) if next_norm is not None else (None, None)
+    # the next block's first layer norm (with no norm, add_bias_residual reads no eps)
+    following = (
+        (next_norm.weight, next_norm.bias, next_norm.eps) if next_norm is not None else (None, None, 0.0)
+    )
     out, *handed = _FusedBlock.apply(
         x,
         *_Handover.take_forward(x, block.norm1),
@@ -115,6 +115,7 @@ def fused_block(
         *following,
         attn.num_heads,
         block.norm1.eps,
+        block.norm2.eps,
     )
     if next_norm is not None and not out.is_inference():  # inference tensors have no version counter to check
         _Handover.give_forward(out, next_norm, handed)
@@ -168,27 +169,27 @@ class _Handover:
 class _FusedBlock(torch.autograd.Function):
     """x + proj(attention(LN1(x))) = x1; x1 + fc2(GELU(fc1(LN2(x1)))). Shapes: x [B, N, D]; M = B·N rows.
     From the previous block, where it computed them (else None): LN1(x) as (h1, mean1, rstd1) and its GELU output
-    a_prev. With the next block's layer norm (next_w, next_b), the outputs after `out` are that norm of it and this
-    block's a, else None."""
+    a_prev. With the next block's layer norm (next_w, next_b, next_eps), the outputs after `out` are that norm of it
+    and this block's a, else None."""
 
     @staticmethod
-    def forward(ctx, x, h1, mean1, rstd1, a_prev, ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w, fc2_b, next_w, next_b, heads, eps):  # fmt: skip
+    def forward(ctx, x, h1, mean1, rstd1, a_prev, ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w, fc2_b, next_w, next_b, next_eps, heads, eps1, eps2):  # fmt: skip
         ops, (b, n, d) = _kernels, x.shape
         scale = (d // heads) ** -0.5
         w_qkv, w_proj, w_fc1, w_fc2 = (w.to(torch.bfloat16) for w in (qkv_w, proj_w, fc1_w, fc2_w))
         if h1 is None:
-            h1, mean1, rstd1 = ops.layer_norm_fwd(x, ln1_w, ln1_b, eps)
+            h1, mean1, rstd1 = ops.layer_norm_fwd(x, ln1_w, ln1_b, eps1)
         qkv = torch.mm(h1.view(-1, d), w_qkv.t()).view(b, n, 3 * d)
         o, p = ops.attention_fwd(qkv, qkv_b, heads, scale, _amx)
         # the residual add and the second layer norm in one pass over the rows
         x1, h2, mean2, rstd2 = ops.add_bias_residual(
-            x, torch.mm(o.view(-1, d), w_proj.t()).view(b, n, d), proj_b, ln2_w, ln2_b, eps
+            x, torch.mm(o.view(-1, d), w_proj.t()).view(b, n, d), proj_b, ln2_w, ln2_b, eps2
         )
         z = torch.mm(h2.view(-1, d), w_fc1.t())
         a, gelu_grad = ops.bias_gelu_fwd(z, fc1_b)
         # and the last residual add with the next block's first layer norm, where there is one
         out, *following = ops.add_bias_residual(
-            x1, torch.mm(a, w_fc2.t()).view(b, n, d), fc2_b, next_w, next_b, eps
+            x1, torch.mm(a, w_fc2.t()).view(b, n, d), fc2_b, next_w, next_b, next_eps
         )
         if following:
             following.append(a)
@@ -228,4 +229,4 @@ class _FusedBlock(torch.autograd.Function):
             _Handover.give_backward(gx, previous)
         # every parameter gradient comes out of the kernels in float32, the parameters' dtype
         grads = (dw_qkv, db_qkv, dw_proj, db_proj, dln2_w, dln2_b, dw_fc1, db_fc1, dw_fc2, db_fc2)
-        return (gx, None, None, None, None, dln1_w, dln1_b, *grads, None, None, None, None)
+        return (gx, None, None, None, None, dln1_w, dln1_b, *grads, None, None, None, None, None, None)
