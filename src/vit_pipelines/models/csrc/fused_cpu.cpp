@@ -126,9 +126,6 @@ inline void transpose_rows(const BFloat16* src, int64_t ld_src, int64_t n, int64
     for (int64_t c = 0; c < cols; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
 }
 
-}  // namespace
-
-namespace {
 // One row of d values of a layer norm: y = LayerNorm(x) * w + b rounded to bfloat16, *mean and *rstd its statistics.
 inline void normalize_row(const float* x, int64_t d, const float* w, const float* b, float eps, BFloat16* y,
                           float* mean, float* rstd) {
@@ -657,8 +654,8 @@ void softmax_grad_rows(const BFloat16* p, const float* dp, int64_t n, int64_t ld
     for (int r = 0; r < R; ++r) dot[r] = Vec(hsum(dot[r]));
     for (int64_t j = 0; j < n; j += kLanes)
       for (int r = 0; r < R; ++r) {
-        const int64_t at = (i0 + r) * ld + j;
-        store(ds + at, vscale * load(p + at) * (load(dp + at) - dot[r]), std::min(kLanes, n - j));
+        const int64_t ij = (i0 + r) * ld + j;
+        store(ds + ij, vscale * load(p + ij) * (load(dp + ij) - dot[r]), std::min(kLanes, n - j));
       }
   });
 }
@@ -687,11 +684,11 @@ std::vector<torch::Tensor> attention_fwd(const torch::Tensor& qkv, const torch::
         s.split(img, d3, pb, {{q, nullptr}, {k, nullptr}, {nullptr, v}});
         for (int64_t h = 0; h < heads; ++h) {
           if (bi + 1 < last) prefetch_part(img + n * d3, n * d3 * 2, h, heads);
-          const int64_t at = h * np * e;  // head h in q, k and v
-          tile_pairs_of_columns(k + at, mp, e, kc);
-          s.matmul(q + at, e, kc, 2 * mp, score, np, mp, mp, e);
+          const int64_t hs = h * np * e;  // head h in q, k and v
+          tile_pairs_of_columns(k + hs, mp, e, kc);
+          s.matmul(q + hs, e, kc, 2 * mp, score, np, mp, mp, e);
           softmax_rows(score, n, np, static_cast<float>(scale), prob, pp + (bi * heads + h) * n * n);
-          s.matmul(prob, np, v + at, 2 * e, out, e, mp, e, np);
+          s.matmul(prob, np, v + hs, 2 * e, out, e, mp, e, np);
           s.put_head(out, po + bi * n * s.width, s.width, h * s.dh);
         }
       }
@@ -738,19 +735,19 @@ std::vector<torch::Tensor> attention_bwd(const torch::Tensor& dout, const torch:
         s.split(img, d3, pb, {{nullptr, q}, {nullptr, k}, {v, nullptr}});
         s.split(pdo + bi * n * width, width, nullptr, {{dov, do_pairs}});
         for (int64_t h = 0; h < heads; ++h) {
-          const int64_t at = h * np * e;  // head h in q, k, v, do
+          const int64_t hs = h * np * e;  // head h in q, k, v, do
           const BFloat16* p_in = pp + (bi * heads + h) * n * n;
           for (int64_t i = 0; i < n; ++i) std::memcpy(prob + i * np, p_in + i * n, n * sizeof(BFloat16));
-          tile_pairs_of_columns(v + at, mp, e, vc);
-          s.matmul(dov + at, e, vc, 2 * mp, dp, np, mp, mp, e);
+          tile_pairs_of_columns(v + hs, mp, e, vc);
+          s.matmul(dov + hs, e, vc, 2 * mp, dp, np, mp, mp, e);
           softmax_grad_rows(prob, dp, n, np, static_cast<float>(scale), ds);
-          s.matmul(ds, np, k + at, 2 * e, out, e, mp, e, np);
+          s.matmul(ds, np, k + hs, 2 * e, out, e, mp, e, np);
           s.put_head(out, grad, d3, h * s.dh);  // dq
           transpose_rows(ds, np, mp, mp, ds_t, np);
-          s.matmul(ds_t, np, q + at, 2 * e, out, e, mp, e, np);
+          s.matmul(ds_t, np, q + hs, 2 * e, out, e, mp, e, np);
           s.put_head(out, grad, d3, width + h * s.dh);  // dk
           transpose_rows(prob, np, mp, mp, prob_t, np);
-          s.matmul(prob_t, np, do_pairs + at, 2 * e, out, e, mp, e, np);
+          s.matmul(prob_t, np, do_pairs + hs, 2 * e, out, e, mp, e, np);
           s.put_head(out, grad, d3, 2 * width + h * s.dh);  // dv
         }
         for (int64_t i = 0; i < n; ++i)  // bias gradient: the rounded values
