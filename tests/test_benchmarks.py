@@ -22,13 +22,18 @@ def test_training_flops_match_the_transformer_formula(batch):
     config = ViTConfig.from_variant("Ti/4", image_size=32, num_classes=classes)
     n = config.grid_size[0] * config.grid_size[1] + 1  # 64 patches + [class]
     per_layer = 2 * n * (4 * d * d + 2 * d * mlp) + 2 * 2 * n * n * d  # qkv + proj + MLP, then QKᵀ and AV
+    # ours: the last block computes the [class] token alone from every token's keys and values
+    last_layer = 2 * n * 2 * d * d + 2 * (2 * d * d + 2 * d * mlp) + 2 * 2 * n * d
     patch_embed = 64 * 2 * (3 * 4 * 4) * d
-    forward = layers * per_layer + patch_embed + 2 * d * classes
+    full = layers * per_layer + patch_embed + 2 * d * classes
+    ours = full - per_layer + last_layer
     # backward: twice the forward, except the patch conv, which needs no gradient for the input images
-    expected = 3 * forward - patch_embed
-    flops = train_throughput.training_flops(VisionTransformer.from_seed(config, 0), batch)
-    assert flops == batch * expected
-    assert expected == pytest.approx(2.19e9, rel=1e-3)
+    model = VisionTransformer.from_seed(config, 0)
+    assert train_throughput.training_flops(model, batch) == batch * (3 * ours - patch_embed)
+    hf = train_throughput.same_weights_hf(model)
+    assert train_throughput.training_flops(hf, batch, config.image_size) == batch * (3 * full - patch_embed)
+    assert 3 * full - patch_embed == pytest.approx(2.19e9, rel=1e-3)
+    assert (3 * ours - patch_embed) / (3 * full - patch_embed) == pytest.approx(0.931, abs=1e-3)
 
 
 def test_tables_align_numbers_right(capsys):
@@ -75,13 +80,14 @@ def test_step_breakdown_times_every_call_of_the_fused_block_with_its_bytes_and_f
     batch, tokens, width, heads, hidden, layers = 2, 17, 192, 3, 768, 12
     result = step_breakdown.run("Ti/4", image_size=16, batch=batch, steps=2, warmup=1)
     ops = result["ops"]
-    # per layer: 4 matmuls forward, 4 backward (the kernels sum the weight gradients); one attention kernel each
+    fused = layers - 1  # the last block computes the [class] token alone, with the plain modules
+    # per fused layer: 4 matmuls forward, 4 backward (the kernels sum the weight gradients); one attention kernel each
     # way; two residual adds, the first computing the second layer norm, the second the next layer's first one (so
     # only the first layer runs a layer norm of its own); two layer-norm backward passes, the first layer norm's
     # also computing the previous layer's fc2 gradients (so only the last layer runs cast_colsum)
-    assert sum(op["calls_per_step"] for op in ops.values() if op["kind"] == "matmul") == 8 * layers
-    assert ops["attention_fwd"]["calls_per_step"] == ops["attention_bwd"]["calls_per_step"] == layers
-    assert ops["add_bias_residual"]["calls_per_step"] == ops["layer_norm_bwd"]["calls_per_step"] == 2 * layers
+    assert sum(op["calls_per_step"] for op in ops.values() if op["kind"] == "matmul") == 8 * fused
+    assert ops["attention_fwd"]["calls_per_step"] == ops["attention_bwd"]["calls_per_step"] == fused
+    assert ops["add_bias_residual"]["calls_per_step"] == ops["layer_norm_bwd"]["calls_per_step"] == 2 * fused
     assert ops["layer_norm_fwd"]["calls_per_step"] == ops["cast_colsum"]["calls_per_step"] == 1
     # bytes in and out: qkv (bf16) and the qkv bias (float32) in; o and the probabilities (bf16) out
     rows = batch * tokens
@@ -94,7 +100,7 @@ def test_step_breakdown_times_every_call_of_the_fused_block_with_its_bytes_and_f
     assert ops["attention_fwd"]["bytes_per_call"] == qkv + bias + out + probabilities
     fc1 = ops[f"mm [{rows}x{width}]·[{width}x{hidden}]ᵀ"]  # the forward fc1 product: LN output · weightᵀ
     assert fc1["tflops"] * 1e12 * fc1["ms_per_step"] / 1e3 == pytest.approx(
-        layers * 2 * rows * width * hidden
+        fused * 2 * rows * width * hidden
     )
     shares = result["share_of_step"]
     assert all(op["ms_per_step"] > 0 for op in ops.values()) and 0 < shares["everything else"] < 1
