@@ -99,9 +99,7 @@ def test_step_breakdown_times_every_call_of_the_fused_block_with_its_bytes_and_f
     )
     assert ops["attention_fwd"]["bytes_per_call"] == qkv + bias + out + probabilities
     fc1 = ops[f"mm [{rows}x{width}]·[{width}x{hidden}]ᵀ"]  # the forward fc1 product: LN output · weightᵀ
-    assert fc1["tflops"] * 1e12 * fc1["ms_per_step"] / 1e3 == pytest.approx(
-        fused * 2 * rows * width * hidden
-    )
+    assert fc1["tflops"] * 1e12 * fc1["ms_per_step"] / 1e3 == pytest.approx(fused * 2 * rows * width * hidden)
     shares = result["share_of_step"]
     assert all(op["ms_per_step"] > 0 for op in ops.values()) and 0 < shares["everything else"] < 1
     assert shares["matmul"] + shares["kernel"] + shares["everything else"] == pytest.approx(1)

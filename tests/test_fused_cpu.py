@@ -313,7 +313,8 @@ def test_neighbouring_blocks_share_passes_over_the_rows(ops, monkeypatch):
     calls.clear()
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(model(images), want)
-    assert calls["layer_norm_fwd"] == config.depth - 1  # the last block computes the [class] token alone, unfused
+    # every block but the last, which computes the [class] token alone with the plain modules
+    assert calls["layer_norm_fwd"] == config.depth - 1
 
 
 def test_each_layer_norm_keeps_its_own_eps(ops, monkeypatch):

@@ -97,7 +97,9 @@ def test_pre_logits_alone_compute_only_what_is_pooled(pool, last_block, normaliz
     torch.testing.assert_close(logits, model.head(full["pre_logits"]), rtol=1e-5, atol=1e-5)
     for name, grad in grads[0].items():
         assert grad.abs().max() > 0, name  # every parameter, the last block's included, gets a gradient
-        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item(), msg=name)
+        torch.testing.assert_close(
+            grads[1][name], grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item(), msg=name
+        )
 
 
 def test_representation_size_adds_a_tanh_pre_logits_layer():

@@ -40,11 +40,11 @@ class Attention(nn.Module):
     def forward_first_token(self, x: torch.Tensor) -> torch.Tensor:
         """`self(x)[0][:, :1]`: the first token's query against every token's key and value, so the query and
         the projection run on that token alone."""
-        b, n, d = x.shape
+        (b, n, d), h = x.shape, self.num_heads
         w_q, w_kv = self.qkv.weight.split([d, 2 * d])
         b_q, b_kv = self.qkv.bias.split([d, 2 * d])
-        q = F.linear(x[:, :1], w_q, b_q).view(b, 1, self.num_heads, d // self.num_heads).transpose(1, 2)
-        k, v = F.linear(x, w_kv, b_kv).view(b, n, 2, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        q = F.linear(x[:, :1], w_q, b_q).view(b, 1, h, d // h).transpose(1, 2)
+        k, v = F.linear(x, w_kv, b_kv).view(b, n, 2, h, d // h).permute(2, 0, 3, 1, 4)
         return self.attend(q, k, v)[0]
 
     def attend(
