@@ -399,7 +399,7 @@ inline void vector_block(const BFloat16* a, int64_t lda, const BFloat16* b, int6
 }
 #endif
 
-// c = a · b as tile_matmul computes it (m, n multiples of 16; k of 2) from vector_block: column panels of 64 (the
+// c = a · b as tile_matmul computes it (m a multiple of 8, n of 16, k of 2) from vector_block: column panels of 64 (the
 // last one 16-48 wide), each panel's pair rows of b staying in L1 while the rows of a go by, 4 rows at a time (8
 // in panels one or two vectors wide, to keep 8-16 accumulators busy).
 void vector_matmul(const BFloat16* a, int64_t lda, const BFloat16* b, int64_t ldb, float* c, int64_t ldc,
@@ -489,9 +489,13 @@ struct Tiles {
 
 // The shapes of one call: qkv [B, N, 3 * D] with D = H * Dh; per (image, head) scratch is padded to np = N and
 // e = Dh rounded up to 32 (the tiles' depth, for products that sum over tokens or head columns). Products over
-// token rows and columns only compute the first mp = N rounded up to 16 (a tile's height and width).
+// token rows and columns only compute the first mp = N rounded up to 16 (a tile's height and width). Without AMX
+// (vector_matmul) the products need less: their rows mr = N rounded up to 8 and their depth over tokens kt = N
+// rounded up to 2, over head columns kh = Dh (65 tokens: 72 rows instead of 80, depth 66 instead of 96; the
+// padding they skip is zero, so the results are the same).
 struct Heads {
   int64_t batch, tokens, width, heads, dh, np, mp, e, part;  // part: q, k, v or do of all heads in scratch
+  int64_t mr, kt, kh;  // the products' rows, depth over tokens and depth over head columns
   bool amx;
   Heads(const torch::Tensor& qkv, int64_t h, bool use_amx) : heads(h), amx(use_amx) {
     TORCH_CHECK(qkv.dim() == 3 && qkv.size(2) % (3 * h) == 0, "qkv: expected [B, N, 3 * heads * head width]");
@@ -500,6 +504,7 @@ struct Heads {
     TORCH_CHECK(dh % kLanes == 0, "head width must be a multiple of ", kLanes, ", got ", dh);
     check_amx(amx);
     np = round_up(tokens, 32), mp = round_up(tokens, 16), e = round_up(dh, 32);
+    mr = amx ? mp : round_up(tokens, 8), kt = amx ? np : round_up(tokens, 2), kh = amx ? e : dh;
     part = heads * np * e;
   }
   // c = a · b (see multiply).
@@ -737,9 +742,9 @@ std::vector<torch::Tensor> attention_fwd(const torch::Tensor& qkv, const torch::
           if (bi + 1 < last) prefetch_part(img + n * d3, n * d3 * 2, h, heads);
           const int64_t hs = h * np * e;  // head h in q, k and v
           tile_pairs_of_columns(k + hs, mp, e, kc);
-          s.matmul(q + hs, e, kc, 2 * mp, score, np, mp, mp, e);
+          s.matmul(q + hs, e, kc, 2 * mp, score, np, s.mr, mp, s.kh);
           softmax_rows(score, n, np, static_cast<float>(scale), prob, pp + (bi * heads + h) * n * n);
-          s.matmul(prob, np, v + hs, 2 * e, out, e, mp, e, np);
+          s.matmul(prob, np, v + hs, 2 * e, out, e, s.mr, e, s.kt);
           s.put_head(out, po + bi * n * s.width, s.width, h * s.dh);
         }
       }
@@ -790,15 +795,15 @@ std::vector<torch::Tensor> attention_bwd(const torch::Tensor& dout, const torch:
           const BFloat16* p_in = pp + (bi * heads + h) * n * n;
           for (int64_t i = 0; i < n; ++i) std::memcpy(prob + i * np, p_in + i * n, n * sizeof(BFloat16));
           tile_pairs_of_columns(v + hs, mp, e, vc);
-          s.matmul(dov + hs, e, vc, 2 * mp, dp, np, mp, mp, e);
+          s.matmul(dov + hs, e, vc, 2 * mp, dp, np, s.mr, mp, s.kh);
           softmax_grad_rows(prob, dp, n, np, static_cast<float>(scale), ds);
-          s.matmul(ds, np, k + hs, 2 * e, out, e, mp, e, np);
+          s.matmul(ds, np, k + hs, 2 * e, out, e, s.mr, e, s.kt);
           s.put_head(out, grad, d3, h * s.dh);  // dq
           transpose_rows(ds, np, mp, mp, ds_t, np);
-          s.matmul(ds_t, np, q + hs, 2 * e, out, e, mp, e, np);
+          s.matmul(ds_t, np, q + hs, 2 * e, out, e, s.mr, e, s.kt);
           s.put_head(out, grad, d3, width + h * s.dh);  // dk
           transpose_rows(prob, np, mp, mp, prob_t, np);
-          s.matmul(prob_t, np, do_pairs + hs, 2 * e, out, e, mp, e, np);
+          s.matmul(prob_t, np, do_pairs + hs, 2 * e, out, e, s.mr, e, s.kt);
           s.put_head(out, grad, d3, 2 * width + h * s.dh);  // dv
         }
         for (int64_t i = 0; i < n; ++i)  // bias gradient: the rounded values
