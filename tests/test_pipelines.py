@@ -173,8 +173,9 @@ def test_an_unwritable_output_folder_fails_before_any_work(tmp_path):
     (blocked / "data" / "tiny" / "08_reporting").write_text("a file where a folder should be")
     result = subprocess.run(
         ["kedro", "run", "--env", "tiny", "--pipeline", "pretrain"], cwd=blocked, capture_output=True, text=True,
-        timeout=600, check=False, env={**os.environ, "KEDRO_DISABLE_TELEMETRY": "1"},
+        timeout=600, check=False, env={**os.environ, "KEDRO_DISABLE_TELEMETRY": "1", "COLUMNS": "500"},
     )  # fmt: skip
+    # (a wide console: rich wraps log lines at its width, which split a long temporary path inside "08_reporting")
     output = result.stdout + result.stderr
     assert result.returncode != 0 and "cannot write" in output and "08_reporting is a file" in output, output[
         -3000:
