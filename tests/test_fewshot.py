@@ -5,6 +5,7 @@ import pytest
 import torch
 from sklearn.linear_model import Ridge
 
+import vit_pipelines.evaluation.fewshot as fewshot
 from vit_pipelines.evaluation import fewshot_ridge
 from vit_pipelines.evaluation.fewshot import (
     BIAS_CONSTANT,
@@ -75,9 +76,16 @@ def test_matches_sklearn_ridge_with_the_same_bias_handling(n_per_class, dim):
     assert len(set(ours.values())) > 1  # λ matters on this data
 
 
-def test_float16_scoring_gives_exactly_the_float64_predictions_even_when_ill_conditioned():
+@pytest.mark.parametrize("float16", [True, False], ids=["certified-float16", "float32"])
+def test_scoring_gives_exactly_the_float64_predictions_even_when_ill_conditioned(float16, monkeypatch):
     """N just above D (one shot of many classes) makes XᵀX nearly singular: at small λ many float16 argmaxes are
-    unreliable and must be caught by the error bound and re-scored; at every λ the accuracy equals float64's."""
+    unreliable and must be caught by the error bound and re-scored; at every λ the accuracy equals float64's, with
+    the certified float16 scorer (CPUs with native float16) and with float32 scoring (the others)."""
+    scorers = []
+    for name in ("_CertifiedArgmax", "_Float32Argmax"):
+        cls = getattr(fewshot, name)
+        monkeypatch.setattr(fewshot, name, lambda p, _cls=cls: scorers.append(_cls) or _cls(p))
+    monkeypatch.setattr(fewshot, "native_float16", lambda: float16)
     classes, dim = 300, 256
     x_train, y_train = blobs(1, dim, classes, seed=6, spread=2.0)
     x_test, y_test = blobs(6, dim, classes, seed=7, spread=2.0)
@@ -87,6 +95,7 @@ def test_float16_scoring_gives_exactly_the_float64_predictions_even_when_ill_con
         expected = (numpy_reference(x_train, y_train, x_test, lam, classes).argmax(1) == y_test).mean()
         print(f"λ={lam:g}: ours {ours[lam]:.6f} float64 {expected:.6f}")
         assert ours[lam] == expected
+    assert [s.__name__ for s in scorers] == ["_CertifiedArgmax" if float16 else "_Float32Argmax"]
 
 
 def test_certified_float16_argmax_equals_the_float32_argmax_on_hard_rows():
