@@ -343,43 +343,37 @@ void tile_matmul(const BFloat16* a, int64_t lda, const BFloat16* b, int64_t ldb,
 }
 
 // tile_matmul without AMX: the same operands, R rows of c by C vectors of 16 columns at a time in R·C float32
-// accumulators. Each step takes one bf16 pair (a[i][2t], a[i][2t + 1]) per row, broadcast, against pair row t of b.
-#ifdef __AVX512BF16__
-// With AVX512_BF16 (Zen 4, Cooper Lake, and the AMX CPUs) one vdpbf16ps does a pair's two products and adds in
-// the order of the two FMAs of the fallback below (odd element first, products exact in float32; results
-// bit-identical to it on Zen 4, checked for the attention and weight-gradient kernels at 17-197 tokens): twice the
-// work per instruction, and no widening. 8-16 accumulators cover its latency (6 cycles on Zen 4, one issued per
-// cycle); the pair rows of b for C vectors stay in registers across the R rows, a's pairs are broadcast loads.
+// accumulators. Each step takes one bf16 pair (a[i][2t], a[i][2t + 1]) per row, broadcast, against pair row t of b
+// (C vectors, held in registers across the R rows). With AVX512_BF16 (Zen 4, Cooper Lake, and the AMX CPUs) one
+// vdpbf16ps does a pair's two products and adds in the order of the two FMAs of the fallback (odd element first,
+// products exact in float32; results bit-identical to it on Zen 4, checked for the attention and weight-gradient
+// kernels at 17-197 tokens): twice the work per instruction, and no widening. 8-16 accumulators cover its latency
+// (6 cycles on Zen 4, one issued per cycle). Without it (Skylake-X, Ice Lake), each pair is widened to float32 for
+// two FMAs.
 template <int R, int C>
 inline void vector_block(const BFloat16* a, int64_t lda, const BFloat16* b, int64_t ldb, float* c, int64_t ldc,
                          int64_t k, bool accumulate) {
   __m512 acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < C; ++v) acc[r][v] = accumulate ? _mm512_loadu_ps(c + r * ldc + v * kLanes) : _mm512_setzero_ps();
+  auto pair = [&](int r, int64_t t) {
+    int32_t value;
+    std::memcpy(&value, a + r * lda + 2 * t, sizeof(value));
+    return _mm512_set1_epi32(value);
+  };
+#ifdef __AVX512BF16__
   for (int64_t t = 0; t < k / 2; ++t) {
     __m512bh bv[C];
     for (int v = 0; v < C; ++v) bv[v] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(b + t * ldb + 2 * v * kLanes));
     for (int r = 0; r < R; ++r) {
-      int32_t pair;
-      std::memcpy(&pair, a + r * lda + 2 * t, sizeof(pair));
-      const __m512bh av = reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair));
+      const __m512bh av = reinterpret_cast<__m512bh>(pair(r, t));
       for (int v = 0; v < C; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < C; ++v) _mm512_storeu_ps(c + r * ldc + v * kLanes, acc[r][v]);
-}
 #else
-// Without it (Skylake-X, Ice Lake): each pair widened to float32 for two FMAs.
-template <int R, int C>
-inline void vector_block(const BFloat16* a, int64_t lda, const BFloat16* b, int64_t ldb, float* c, int64_t ldc,
-                         int64_t k, bool accumulate) {
   const __m512i high = _mm512_set1_epi32(static_cast<int32_t>(0xffff0000u));
   auto first = [](__m512i pairs) { return _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16)); };
   auto second = [&](__m512i pairs) { return _mm512_castsi512_ps(_mm512_and_si512(pairs, high)); };
-  __m512 acc[R][C];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < C; ++v) acc[r][v] = accumulate ? _mm512_loadu_ps(c + r * ldc + v * kLanes) : _mm512_setzero_ps();
   for (int64_t t = 0; t < k / 2; ++t) {
     __m512 b0[C], b1[C];
     for (int v = 0; v < C; ++v) {
@@ -387,17 +381,15 @@ inline void vector_block(const BFloat16* a, int64_t lda, const BFloat16* b, int6
       b0[v] = first(bv), b1[v] = second(bv);
     }
     for (int r = 0; r < R; ++r) {
-      int32_t pair;
-      std::memcpy(&pair, a + r * lda + 2 * t, sizeof(pair));
-      const __m512i av = _mm512_set1_epi32(pair);
+      const __m512i av = pair(r, t);
       const __m512 a0 = first(av), a1 = second(av);
       for (int v = 0; v < C; ++v) acc[r][v] = _mm512_fmadd_ps(a0, b0[v], _mm512_fmadd_ps(a1, b1[v], acc[r][v]));
     }
   }
+#endif
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < C; ++v) _mm512_storeu_ps(c + r * ldc + v * kLanes, acc[r][v]);
 }
-#endif
 
 // c = a · b as tile_matmul computes it (m a multiple of 8, n of 16, k of 2) from vector_block: column panels of 64 (the
 // last one 16-48 wide), each panel's pair rows of b staying in L1 while the rows of a go by, 4 rows at a time (8
