@@ -6,9 +6,9 @@ softmax and its casts, head (un)folding copies, GELU, bias-gradient column sums.
 function, x ↦ x + MSA(LN(x)) ↦ x + MLP(LN(x)), with its own forward and backward: the matmuls run bias-free in
 bfloat16 (float32 accumulation) and one kernel per group of element-wise work (`csrc/fused_cpu.cpp`) adds the
 bias where the next pass reads the data anyway. Attention is one kernel each way: per image and head, its
-matmuls run on AMX tiles (Sapphire Rapids and later; AVX-512 FMAs elsewhere) from per-thread scratch, with the
-softmax between them, so only q, k, v, the probabilities and the output touch memory; its backward also sums the
-qkv weight gradient on the tiles while the gradient rows are in cache. Precision matches
+matmuls run on AMX tiles (Sapphire Rapids and later; AVX-512 vdpbf16ps or FMAs elsewhere) from per-thread
+scratch, with the softmax between them, so only q, k, v, the probabilities and the output touch memory; its
+backward also sums the qkv weight gradient on the tiles while the gradient rows are in cache. Precision matches
 autocast's: residual stream, layer-norm statistics, attention scores, softmax and GELU in float32, matmul operands
 in bfloat16, parameter gradients in float32. The GELU's derivative is computed in the forward pass, next to the
 GELU, and kept in bfloat16 like the activations; the backward pass then only multiplies by it.
@@ -38,7 +38,7 @@ if torch.cpu._is_avx512_bf16_supported():  # one-instruction float32 → bfloat1
     _FLAGS.append("-mavx512bf16")
 _kernels: ModuleType | None = None
 _tried = False
-_amx = False  # whether the attention kernels use the AMX tiles (else AVX-512 FMAs)
+_amx = False  # whether the kernels' own products use the AMX tiles (else AVX-512 vdpbf16ps or FMAs)
 
 
 def kernels() -> ModuleType | None:

@@ -410,7 +410,8 @@ void vector_matmul(const BFloat16* a, int64_t lda, const BFloat16* b, int64_t ld
   }
 }
 
-// c = a · b (+ c where accumulate) on the AMX tiles (tile_matmul), or with AVX-512 FMAs (vector_matmul).
+// c = a · b (+ c where accumulate) on the AMX tiles (tile_matmul), or with AVX-512 vdpbf16ps or FMAs
+// (vector_matmul).
 void multiply(bool amx, const BFloat16* a, int64_t lda, const BFloat16* b, int64_t ldb, float* c, int64_t ldc,
               int64_t m, int64_t n, int64_t k, bool accumulate) {
   (amx ? tile_matmul : vector_matmul)(a, lda, b, ldb, c, ldc, m, n, k, accumulate);
@@ -571,7 +572,7 @@ struct Scratch {
 
 // The weight gradient gᵀ·x [out, in] (float32) of a dense layer, summed by the kernel that computes its output
 // gradient g ([rows, out] bfloat16) while each block of g's rows is in cache: gᵀ never goes to memory and no
-// matmul reads g back. Each worker adds its blocks into its own float32 sum on the tiles (AMX, else AVX-512 FMAs);
+// matmul reads g back. Each worker adds its blocks into its own float32 sum on the tiles (AMX, else vector_matmul);
 // total() adds those in a fixed order. x [rows, in] bfloat16 is the layer's input; out and in multiples of 16.
 // A worker's first block writes its sum instead of adding to it, so the sums need no zeroing, and total() adds
 // only the sums of the workers that had rows.
@@ -711,7 +712,7 @@ void softmax_grad_rows(const BFloat16* p, const float* dp, int64_t n, int64_t ld
 
 // Multi-head attention forward from the qkv matmul's output (without its bias b): per image and head,
 // p = softmax(scale · q·kᵀ) and o = p·v. Returns o [B, N, D] (heads side by side, the proj layer's input) and p
-// [B, H, N, N], both bfloat16; scores and their softmax in float32. amx: tiles, else AVX-512 FMAs.
+// [B, H, N, N], both bfloat16; scores and their softmax in float32. amx: tiles, else vector_matmul.
 std::vector<torch::Tensor> attention_fwd(const torch::Tensor& qkv, const torch::Tensor& b, int64_t heads,
                                          double scale, bool amx) {
   const Heads s(qkv, heads, amx);
