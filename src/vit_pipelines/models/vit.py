@@ -100,11 +100,12 @@ class Block(nn.Module):
         first token alone, `[B, 1, D]`: every token's keys and values, the rest for that token only (the last
         block under [class]-token pooling, where nothing reads the other tokens)."""
         if first_token:
-            x = x[:, :1] + self.attn.forward_first_token(self.norm1(x))
-            return x + self.mlp(self.norm2(x)), None
-        if not return_attention and fused_cpu.applies(self, x):
+            y, weights = self.attn.forward_first_token(self.norm1(x)), None
+            x = x[:, :1]
+        elif not return_attention and fused_cpu.applies(self, x):
             return fused_cpu.fused_block(self, x, next_norm), None
-        y, weights = self.attn(self.norm1(x), return_attention)
+        else:
+            y, weights = self.attn(self.norm1(x), return_attention)
         x = x + y
         return x + self.mlp(self.norm2(x)), weights
 
