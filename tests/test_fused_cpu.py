@@ -218,7 +218,7 @@ def test_fused_training_step_is_as_accurate_as_autocast(ops, monkeypatch):
     calls = []
     monkeypatch.setattr(fused_cpu._FusedBlock, "apply", lambda *a, _f=fused_cpu._FusedBlock.apply: calls.append(1) or _f(*a))  # fmt: skip
     fused_loss, fused = gradients(model, images, labels, autocast=True)
-    # every block but the last, which computes the [class] token alone with the plain modules (`Block.forward`)
+    # every block but the last, which computes the [class] token alone (`Block.forward`), its layer norm fused
     assert len(calls) == config.depth - 1
     monkeypatch.setattr(fused_cpu, "_kernels", None)
     plain_loss, plain = gradients(model, images, labels, autocast=True)
@@ -291,6 +291,20 @@ def test_neighbouring_blocks_share_passes_over_the_rows(ops, monkeypatch):
     for twice_grad, grad in zip(twice[1], alone[1], strict=True):
         assert torch.equal(twice_grad, grad)
 
+    # pooling the [class] token (`forward`), the last block computes that token alone; its first layer norm, on
+    # the kernels, also takes the last fused block's handover both ways
+    def pooled_one_by_one() -> tuple[torch.Tensor, int]:
+        x, _ = model.blocks[-1](one_by_one(inputs[0], model.blocks[:-1]), first_token=True)
+        return model.norm(x[:, 0]), 0
+
+    pooled = training_pass(lambda: (model.encode(model.patch_embed(images), tokens=False)["pre_logits"], 0))
+    alone = training_pass(pooled_one_by_one)
+    assert pooled[2] == {"layer_norm_fwd": 1}
+    assert alone[2] == {"layer_norm_fwd": 3, "cast_colsum": 2}
+    assert torch.equal(pooled[0], alone[0])
+    for pooled_grad, grad in zip(pooled[1], alone[1], strict=True):
+        assert torch.equal(pooled_grad, grad)
+
     def replace(module, args, out):
         return 2 * out[0], None
 
@@ -313,8 +327,7 @@ def test_neighbouring_blocks_share_passes_over_the_rows(ops, monkeypatch):
     calls.clear()
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(model(images), want)
-    # every block but the last, which computes the [class] token alone with the plain modules
-    assert calls["layer_norm_fwd"] == config.depth - 1
+    assert calls["layer_norm_fwd"] == config.depth
 
 
 def test_each_layer_norm_keeps_its_own_eps(ops, monkeypatch):

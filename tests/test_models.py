@@ -8,6 +8,7 @@ from torch import nn
 
 from vit_pipelines.models import VisionTransformer, ViTConfig
 from vit_pipelines.models.posemb import posemb_sincos_2d
+from vit_pipelines.models.vit import Attention
 
 
 def small(**overrides) -> VisionTransformer:
@@ -78,8 +79,8 @@ def test_tok_pools_the_class_token_and_gap_averages_the_patches():
 )
 def test_pre_logits_alone_compute_only_what_is_pooled(pool, last_block, normalized):
     """`forward_features(tokens=False)`, which `forward` uses: no `tokens`, the same `pre_logits`, logits and
-    gradients; with [class]-token pooling the last block computes that token alone (from every token's keys and
-    values) and the final layer norm sees that token alone."""
+    gradients; with [class]-token pooling the last block computes that token alone (its query against every token,
+    through the key and value weights) and the final layer norm sees that token alone."""
     torch.manual_seed(0)
     model, images = small(pool=pool, depth=3), torch.randn(3, 3, 32, 32)
     nn.init.normal_(model.head.weight)  # vit_jax's zero head would pass no gradient back
@@ -100,6 +101,28 @@ def test_pre_logits_alone_compute_only_what_is_pooled(pool, last_block, normaliz
         torch.testing.assert_close(
             grads[1][name], grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item(), msg=name
         )
+
+
+def test_first_token_attention_drops_out_the_same_weights():
+    """`Attention.forward_first_token` folds the keys and values into the first token's query; under attention
+    dropout (training) it drops the same weights as the full attention's first row, and the value bias is weighted
+    by what they keep (they no longer sum to 1)."""
+    attn = Attention(32, 4, dropout=0.0, attention_dropout=0.5).train()
+    nn.init.normal_(attn.qkv.bias)
+    x = torch.randn(3, 17, 32)
+    torch.manual_seed(5)
+    folded = attn.forward_first_token(x)
+    torch.manual_seed(5)
+    full, _ = attn.attend(*(t[:, :, :1] if i == 0 else t for i, t in enumerate(heads(attn, x))))
+    torch.testing.assert_close(folded, full, rtol=1e-5, atol=1e-6)
+    torch.manual_seed(6)  # another mask: another output
+    assert (attn.forward_first_token(x) - folded).abs().max() > 1e-2
+
+
+def heads(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v `[B, heads, N, Dh]` of every token, as `Attention.forward` computes them."""
+    b, n, d = x.shape
+    return attn.qkv(x).view(b, n, 3, attn.num_heads, d // attn.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
 
 
 def test_representation_size_adds_a_tanh_pre_logits_layer():

@@ -122,6 +122,37 @@ def fused_block(
     return out
 
 
+def first_token_norm(norm: torch.nn.LayerNorm, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(norm(x), x[:, :1])` for the last block under [class]-token pooling (`vit.Block.forward`'s
+    first_token; check `applies` first), the norm's output in bfloat16 as the fused block's matmuls read it. The
+    block before hands over that norm of its output (`_Handover`); backward, the norm's backward pass adds the
+    gradient of the first token's residual and computes the previous block's fc2 gradients, as between fused
+    blocks."""
+    x = x.contiguous()
+    return _FirstTokenNorm.apply(x, *_Handover.take_forward(x, norm), norm.weight, norm.bias, norm.eps)
+
+
+class _FirstTokenNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, h, mean, rstd, a_prev, weight, bias, eps):
+        if h is None:
+            h, mean, rstd = _kernels.layer_norm_fwd(x, weight, bias, eps)
+        ctx.save_for_backward(x, mean, rstd, weight, a_prev)
+        return h, x[:, :1].clone()
+
+    @staticmethod
+    def backward(ctx, dh, d_first):
+        x, mean, rstd, weight, a_prev = ctx.saved_tensors
+        g = torch.zeros_like(x)  # the residual's gradient: the first token's rows alone
+        g[:, :1] = d_first
+        gx, dw, db, *previous = _kernels.layer_norm_bwd(
+            dh.contiguous(), x, mean, rstd, weight, g, a_prev, _amx
+        )
+        if previous:
+            _Handover.give_backward(gx, previous)
+        return gx, None, None, None, None, dw, db, None
+
+
 class _Handover:
     """What a block computes for its neighbour in the encoder, held until the neighbour asks for it.
 
