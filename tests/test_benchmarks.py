@@ -50,7 +50,7 @@ def test_tables_align_numbers_right(capsys):
     ]
 
 
-def test_timed_rounds_alternate_the_steps_and_probe_once_per_round():
+def test_timed_rounds_alternate_the_steps_in_turn_and_probe_once_per_round():
     calls = []
 
     def step(name):
@@ -62,17 +62,22 @@ def test_timed_rounds_alternate_the_steps_and_probe_once_per_round():
 
     images, labels = torch.zeros(4, 3, 8, 8), torch.zeros(4, dtype=torch.long)
     rates, first, probed = train_throughput.timed_rounds(
-        {"a": step("a"), "b": step("b")},
+        {"a": step("a"), "b": step("b"), "c": step("c")},
         images,
         labels,
-        rounds=3,
+        rounds=4,
         steps=2,
         probe=lambda: calls.append("p") or 7.0,
     )
-    # two warm-up steps each, then the rounds, each followed by the probe
-    assert calls == ["a", "a", "b", "b"] + ["a", "a", "b", "b", "p"] * 3
-    assert probed == [7.0] * 3 and set(first) == {"a", "b"}
-    assert len(rates["a"]) == len(rates["b"]) == 3 and all(r > 0 for r in rates["a"] + rates["b"])
+    # two warm-up steps each, then the rounds, each starting one step function further along and followed by the
+    # probe, so each function runs first, second and third alike
+    rounds = [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+    want = ["a", "a", "b", "b", "c", "c"]
+    for order in rounds:
+        want += [m for m in order for _ in range(2)] + ["p"]
+    assert calls == want
+    assert probed == [7.0] * 4 and set(first) == {"a", "b", "c"}
+    assert all(len(rates[m]) == 4 and all(r > 0 for r in rates[m]) for m in "abc")
 
 
 @pytest.mark.skipif(
