@@ -8,7 +8,7 @@ project's training does). Rounds alternate between the models so machine noise h
 alike; the median images/s counts. The configurations run minutes apart, so every one within 20% of its model's
 best then runs again head to head (at least 5 alternating rounds): each model's fastest there is its best, and the
 median per-round ratio of the two is the best-vs-best speed-up. The FLOPs of one training step, each model's own
-(ours computes the last block for the [class] token alone, ~7% fewer at Ti/4@32), are counted by
+(ours computes the last block for the [class] token alone, ~8% fewer at Ti/4@32), are counted by
 `torch.utils.flop_counter` (matmuls, convolutions and attention, forward and backward) and give the achieved
 TFLOP/s and the model FLOP utilisation (MFU) against a bf16 matmul peak measured in the same run: at its start for
 the sweep, and in every head-to-head round for the head-to-head MFU (median per-round ratio; also against the
@@ -163,7 +163,7 @@ def timed_rounds(
     """Images/s of each step function per round, the functions alternating within each round, after a warm-up
     of two steps (compilation, allocator, oneDNN kernels) whose first step's seconds are returned too; and, where
     `probe` is given, its value measured at the end of each round. Each round starts one function further along,
-    so every function runs in every position alike (in-process A/Bs of two builds of our step suggested that the
+    so the functions share the positions as evenly as the number of rounds allows (in-process A/Bs of two builds of our step suggested that the
     position in the round moves their ratio by up to ~1.5%)."""
     first_step = {}
     for m, step in steps_fn.items():

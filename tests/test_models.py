@@ -84,6 +84,7 @@ def test_pre_logits_alone_compute_only_what_is_pooled(pool, last_block, normaliz
     torch.manual_seed(0)
     model, images = small(pool=pool, depth=3), torch.randn(3, 3, 32, 32)
     nn.init.normal_(model.head.weight)  # vit_jax's zero head would pass no gradient back
+    nn.init.normal_(model.blocks[-1].attn.qkv.bias)  # zero at vit_jax init: let the k, v bias terms count
     shapes = []
     model.blocks[-1].register_forward_hook(lambda module, args, out: shapes.append(tuple(out[0].shape)))
     model.norm.register_forward_hook(lambda module, args, out: shapes.append(tuple(args[0].shape)))
@@ -117,6 +118,9 @@ def test_first_token_attention_drops_out_the_same_weights():
     torch.testing.assert_close(folded, full, rtol=1e-5, atol=1e-6)
     torch.manual_seed(6)  # another mask: another output
     assert (attn.forward_first_token(x) - folded).abs().max() > 1e-2
+    # a model cast to bfloat16, without autocast, stays in bfloat16
+    attn.eval().bfloat16()
+    assert attn.forward_first_token(x.bfloat16()).dtype == torch.bfloat16
 
 
 def heads(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
