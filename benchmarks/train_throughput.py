@@ -163,8 +163,8 @@ def timed_rounds(
     """Images/s of each step function per round, the functions alternating within each round, after a warm-up
     of two steps (compilation, allocator, oneDNN kernels) whose first step's seconds are returned too; and, where
     `probe` is given, its value measured at the end of each round. Each round starts one function further along,
-    so the functions share the positions as evenly as the number of rounds allows (in-process A/Bs of two builds of our step suggested that the
-    position in the round moves their ratio by up to ~1.5%)."""
+    so the functions share the positions as evenly as the number of rounds allows (in-process A/Bs of two builds
+    of our step suggested that the position in the round moves their ratio by up to ~1.5%)."""
     first_step = {}
     for m, step in steps_fn.items():
         start = time.perf_counter()

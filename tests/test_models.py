@@ -114,19 +114,14 @@ def test_first_token_attention_drops_out_the_same_weights():
     torch.manual_seed(5)
     folded = attn.forward_first_token(x)
     torch.manual_seed(5)
-    full, _ = attn.attend(*(t[:, :, :1] if i == 0 else t for i, t in enumerate(heads(attn, x))))
+    q, k, v = attn.heads(x)
+    full, _ = attn.attend(q[:, :, :1], k, v)
     torch.testing.assert_close(folded, full, rtol=1e-5, atol=1e-6)
     torch.manual_seed(6)  # another mask: another output
     assert (attn.forward_first_token(x) - folded).abs().max() > 1e-2
     # a model cast to bfloat16, without autocast, stays in bfloat16
     attn.eval().bfloat16()
     assert attn.forward_first_token(x.bfloat16()).dtype == torch.bfloat16
-
-
-def heads(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q, k, v `[B, heads, N, Dh]` of every token, as `Attention.forward` computes them."""
-    b, n, d = x.shape
-    return attn.qkv(x).view(b, n, 3, attn.num_heads, d // attn.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
 
 
 def test_representation_size_adds_a_tanh_pre_logits_layer():

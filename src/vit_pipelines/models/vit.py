@@ -33,9 +33,12 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, return_attention: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.attend(*self.heads(x), return_attention)
+
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every token's query, key and value, `[B, heads, N, Dh]` each."""
         b, n, d = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        return self.attend(q, k, v, return_attention)
+        return self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
 
     def forward_first_token(self, x: torch.Tensor) -> torch.Tensor:
         """`self(x)[0][:, :1]`, the first token's attention output `[B, 1, D]`, without any token's key or value.
@@ -49,9 +52,10 @@ class Attention(nn.Module):
         b_q, _, b_v = self.qkv.bias.view(3, h, d // h).unbind(0)
         q = F.linear(x[:, 0], w_q.reshape(d, d), b_q.reshape(d)).view(b, h, d // h)
         keys = torch.einsum("bhe,hed->bhd", q, w_k)  # [B, heads, D]: W_kᵀ q per head
-        weights = ((keys @ x.transpose(1, 2)) * (d // h) ** -0.5).softmax(dim=-1, dtype=torch.float32)
+        scores = (keys @ x.transpose(1, 2)) * (d // h) ** -0.5
+        weights = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
         p = self.attention_dropout if self.training else 0.0
-        weights = F.dropout(weights.to(q.dtype), p) if p > 0 else weights.to(q.dtype)
+        weights = F.dropout(weights, p) if p > 0 else weights
         mixed = weights @ x  # [B, heads, D]: Σ_j p_j x_j per head
         # Σ_j p_j: 1 but for rounding and dropout; summed in float32 at least, added in the output's dtype
         kept = weights.sum(-1, keepdim=True, dtype=torch.promote_types(weights.dtype, torch.float32))
