@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vit_pipelines.data.cache import cache_images, num_classes, split_minival
-from vit_pipelines.data.loader import CachedImages, StepBatchSampler, eval_loader, train_loader
+from vit_pipelines.data.loader import CachedImages, StepBatchSampler, eval_batches, train_loader
 from vit_pipelines.data.ops import PP_OPS, BadImageError, build_pp, parse_pp
 from vit_pipelines.data.sources import load_image_dataset
 
@@ -184,13 +184,18 @@ def test_train_loader_batches_are_augmented_reproducibly():
     raw = make_raw([np.full((8, 8, 3), i, np.uint8) for i in range(16)], [i % 3 for i in range(16)])
     cache, _ = cache_images(raw, "decode")
     pp = "inception_crop(6)|flip_lr|value_range(-1,1)"
-    a = [b["images"] for b in train_loader(cache, pp, batch_size=4, num_batches=6, seed=1)]
+    loader = train_loader(cache, pp, batch_size=4, num_batches=6, seed=1)
+    a = [b["images"] for b in loader]
     b = [b["images"] for b in train_loader(cache, pp, batch_size=4, num_batches=3, seed=1, start_batch=3)]
-    assert a[0].shape == (4, 3, 6, 6) and a[0].dtype == torch.float32
+    assert a[0].shape == (4, 3, 6, 6) and a[0].dtype == torch.uint8  # value_range waits for the device
     for x, y in zip(a[3:], b, strict=True):
         torch.testing.assert_close(x, y)
-    evaluated = list(eval_loader(cache, "value_range(0,1)", batch_size=5))
+    scaled = loader.dataset.on_device(a[0])
+    assert scaled.dtype == torch.float32 and scaled.min() >= -1 and scaled.max() <= 1
+    torch.testing.assert_close(scaled, a[0].float() / 127.5 - 1)
+    evaluated = list(eval_batches(cache, "value_range(0,1)", batch_size=5))
     assert [len(e["labels"]) for e in evaluated] == [5, 5, 5, 1]
+    assert evaluated[0]["images"].dtype == torch.float32 and evaluated[0]["images"].max() <= 1
 
 
 def test_loader_reads_the_rows_datasets_would_give(tmp_path):

@@ -1,4 +1,5 @@
-"""Data parallelism through `accelerate launch`: two gloo ranks on CPU against one process, end to end."""
+"""Data parallelism through `accelerate launch`: two gloo ranks on CPU against one process, end to end: both
+ranks write their share of the image cache; training gives the weights of one process."""
 
 import json
 from pathlib import Path
@@ -34,8 +35,13 @@ def test_two_ranks_train_the_weights_of_one_process_and_write_the_same_files(tmp
     for name, weight in single.items():
         torch.testing.assert_close(distributed[name], weight, atol=1e-5, rtol=1e-5, msg=name)
 
-    # Only the main rank wrote, and it wrote exactly what one process writes: no extra or missing files.
+    # The same files as one process; the cache's shards written by both ranks, byte for byte the same.
     assert files_under(two / "data") == files_under(one / "data")
+    cache = "data/tiny/05_model_input/pretrain/train"
+    manifest = json.loads((two / cache / "manifest.json").read_text())
+    assert len(manifest["shards"]) > 2 and {s["rank"] for s in manifest["shards"]} == {0, 1}
+    for shard in manifest["shards"]:
+        assert (two / cache / shard["file"]).read_bytes() == (one / cache / shard["file"]).read_bytes()
     # The logged loss and accuracy are reduced over both ranks' halves of each global batch.
     history = "data/tiny/07_model_output/pretrain_history.json"
     logs = [json.loads((p / history).read_text())["records"] for p in (one, two)]

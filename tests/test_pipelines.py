@@ -6,12 +6,12 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import datasets
 import PIL.Image
 import pytest
 from conftest import copy_project, run_in
 
 from vit_pipelines.data import embedded
+from vit_pipelines.data.cache import open_shards, read_manifest
 from vit_pipelines.training.checkpoint import load_model
 
 pytestmark = pytest.mark.slow
@@ -40,8 +40,8 @@ def test_tiny_dedup_removes_the_leaked_test_copies(project):
     assert set(report["test_sets"]) == set(embedded.DOWNSTREAM_NAMES)
     removed = {pair[0] for s in report["test_sets"].values() for pair in s["pairs"]}
     assert {leak["pretrain_index"] for leak in leaks} <= removed and len(removed) == report["removed"]
-    deduped = datasets.load_from_disk(str(out / "02_intermediate" / "pretrain_deduped"))
-    assert len(deduped) == report["kept"] == 600 - report["removed"]
+    matches = json.loads((out / "02_intermediate" / "dedup_matches.json").read_text())["matches"]
+    assert {m["pretrain_index"] for m in matches} == removed  # a filter over the source, not a copy of it
     with PIL.Image.open(out / "08_reporting" / "dedup_pairs.png") as pairs:
         assert pairs.size[0] > 600
 
@@ -64,6 +64,17 @@ def test_tiny_pretrain_runs_end_to_end_and_resumes(project):
     kept = json.loads((out / "08_reporting" / "dedup_report.json").read_text())["kept"]  # dedup ran first
     assert kept < 600 and report["images_in"] == kept and report["images_kept"] == kept
     assert report["train_images"] + report["minival_images"] == kept
+    # one copy: the cache's shards and manifests alone, no leftovers of intermediate steps
+    cache = out / "05_model_input" / "pretrain"
+    files = {p.relative_to(cache).as_posix() for p in cache.rglob("*") if p.is_file()}
+    shards = {
+        f"{s}/{shard['file']}" for s in ("train", "minival") for shard in read_manifest(cache / s)["shards"]
+    }
+    assert files == shards | {"train/manifest.json", "minival/manifest.json"} and len(shards) > 2
+    matches = json.loads((out / "02_intermediate" / "dedup_matches.json").read_text())["matches"]
+    removed = {m["pretrain_index"] for m in matches}
+    rows = [*open_shards(cache / "train")["source_index"], *open_shards(cache / "minival")["source_index"]]
+    assert sorted(rows) == sorted(set(range(600)) - removed)
     with PIL.Image.open(out / "08_reporting" / "pretrain_curves.png") as curves:
         assert curves.size[0] > 600
     model = load_model(out / "06_models" / "pretrain")

@@ -258,14 +258,17 @@ KILLED_RUN = """
 import sys
 sys.path.insert(0, {tests!r})
 from test_training import config, tiny_cache, tiny_model, train
-train(tiny_model(dropout=0.1), tiny_cache(), config(steps=400, checkpoint_every=5, keep_checkpoints=50),
-      checkpoint_dir={root!r})
+train(tiny_model(dropout=0.1), tiny_cache(), config(steps=400, checkpoint_every=5, keep_checkpoints=50,
+      num_workers={workers}), checkpoint_dir={root!r})
 """
 
 
-def test_a_real_sigkill_loses_nothing_but_the_steps_since_the_last_checkpoint(tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_real_sigkill_loses_nothing_but_the_steps_since_the_last_checkpoint(tmp_path, workers):
+    """Killed with loader workers or without, resumed with them, it ends with the weights of a straight run
+    without workers: a sample's augmentation depends on its stream position alone."""
     tests = str(Path(__file__).parent)
-    script = KILLED_RUN.format(tests=tests, root=str(tmp_path))
+    script = KILLED_RUN.format(tests=tests, root=str(tmp_path), workers=workers)
     proc = subprocess.Popen(
         [sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -278,7 +281,10 @@ def test_a_real_sigkill_loses_nothing_but_the_steps_since_the_last_checkpoint(tm
     survivor = latest_training_state(run_dir)
     assert survivor is not None and int(survivor.name[5:]) >= 10
     run = config(steps=400, checkpoint_every=5, keep_checkpoints=50)
-    resumed = train(tiny_model(seed=9, dropout=0.1), tiny_cache(), run, checkpoint_dir=tmp_path, stop_after=3)
+    with_workers = config(steps=400, checkpoint_every=5, keep_checkpoints=50, num_workers=workers)
+    resumed = train(
+        tiny_model(seed=9, dropout=0.1), tiny_cache(), with_workers, checkpoint_dir=tmp_path, stop_after=3
+    )
     straight = train(tiny_model(dropout=0.1), tiny_cache(), run, stop_after=resumed.resumed_from_step + 3)
     assert resumed.resumed_from_step == int(survivor.name[5:])
     assert_same_weights(straight.model, resumed.model)

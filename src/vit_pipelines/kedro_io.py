@@ -5,13 +5,13 @@ The only module below `pipelines/` that imports Kedro; it adapts the Kedro-free 
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
 import datasets
 from kedro.io import AbstractDataset, DataCatalog, DatasetError, MemoryDataset
 
+from vit_pipelines.data.cache import MANIFEST, ShardBuild, open_shards
 from vit_pipelines.data.sources import load_image_dataset
 from vit_pipelines.models.vit import VisionTransformer
 from vit_pipelines.training.checkpoint import WEIGHTS, load_model, save_model
@@ -38,27 +38,27 @@ class ImageSourceDataset(AbstractDataset[None, datasets.Dataset]):
         return {"source": self._source, **self._options}
 
 
-class ArrowDataset(AbstractDataset[datasets.Dataset, datasets.Dataset]):
-    """A Hugging Face Dataset kept with `save_to_disk` in `path` (memory-mapped on load)."""
+class ImageShardsDataset(AbstractDataset[ShardBuild, datasets.Dataset]):
+    """An image cache (`vit_pipelines.data.cache`): Arrow shards and `manifest.json` in `path`, loaded
+    memory-mapped. Saving a `ShardBuild` writes it on every rank, each its share of the shards."""
+
+    saves_on_every_rank = True
 
     def __init__(self, path: str, metadata: dict[str, Any] | None = None) -> None:
         self._path = Path(path)
         self.metadata = metadata
 
     def load(self) -> datasets.Dataset:
-        if not self._path.exists():
-            raise DatasetError(f"no Arrow dataset at {self._path}; run the pipeline that writes it first")
-        return datasets.load_from_disk(str(self._path))
+        if not (self._path / MANIFEST).exists():
+            raise DatasetError(f"no image cache at {self._path}; run the pipeline that writes it first")
+        return open_shards(self._path)
 
-    def save(self, data: datasets.Dataset) -> None:
-        tmp = self._path.with_name(self._path.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        data.save_to_disk(str(tmp))
-        shutil.rmtree(self._path, ignore_errors=True)
-        tmp.rename(self._path)
+    def save(self, data: ShardBuild) -> None:
+        state = process_state()
+        data.write(self._path, state.process_index, state.num_processes, state.wait_for_everyone)
 
     def _exists(self) -> bool:
-        return self._path.exists()
+        return (self._path / MANIFEST).exists()
 
     def _describe(self) -> dict[str, Any]:
         return {"path": str(self._path)}
@@ -92,15 +92,20 @@ class ViTModelDataset(AbstractDataset[VisionTransformer, VisionTransformer | Non
 
 class RankAwareCatalog(DataCatalog):
     """The catalog for `accelerate launch … -m kedro run`: every rank runs the same nodes, but only the main
-    process writes files. The other ranks keep in-memory datasets only, and all ranks meet at a barrier after
-    each save, so no rank reads a file before the main process has written it whole. One process: a plain
-    `DataCatalog`."""
+    process writes files, except datasets that share their writing among the ranks (`saves_on_every_rank`: the
+    image cache). The other ranks keep in-memory datasets only, and all ranks meet at a barrier after each save,
+    so no rank reads a file before it is whole. One process: a plain `DataCatalog`."""
 
     def save(self, ds_name: str, data: Any) -> None:
         state = process_state()
         if state.num_processes == 1:
             return super().save(ds_name, data)
-        if state.is_main_process or isinstance(self[ds_name], MemoryDataset):
+        dataset = self[ds_name]
+        if state.is_main_process or isinstance(dataset, MemoryDataset) or _saves_on_every_rank(dataset):
             super().save(ds_name, data)
         state.wait_for_everyone()
         return None
+
+
+def _saves_on_every_rank(dataset: AbstractDataset) -> bool:
+    return getattr(dataset, "saves_on_every_rank", False)

@@ -1,1 +1,2 @@
-"""Datasets (embedded default, local files, Hub), the preprocessing-ops registry and the Arrow image cache."""
+"""Datasets (embedded default, local files, Hub), the preprocessing-ops registry, the image cache (encoded
+bytes or decoded pixels, in Arrow shards) and the loaders."""

@@ -1,103 +1,450 @@
-"""Decode and resize a dataset once into an Arrow cache of fixed-size uint8 images, so epochs never re-decode."""
+"""The image cache: rows of a source written once as bounded Arrow shards, read memory-mapped by every epoch.
+
+Two storage modes:
+- `encoded`: each image's bytes as they came (JPEG, PNG, WebP; other formats re-encoded losslessly as PNG),
+  checked once here; loader workers decode, crop and flip every sample from the full-resolution image.
+- `pixels`: uint8 arrays after a fixed-size pp such as `"decode|resize(36)"`, for tiny images where decoding
+  would dominate the step.
+
+A cache folder holds `shard-00000.arrow, …` and `manifest.json` (storage mode, rows and bytes per shard, the
+build's report). Shard `i` holds rows `[i*R, (i+1)*R)` of the rows asked for, whoever writes it: any number of
+ranks and worker processes write the same files. An interrupted build keeps its finished shards and resumes.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
 from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import datasets
 import numpy as np
+import PIL.Image
+import torch
+from datasets.arrow_writer import ArrowWriter
+from tqdm.auto import tqdm
 
 from vit_pipelines.data.ops import BadImageError, build_pp, open_image
 
+STORAGE_MODES = ("encoded", "pixels")
+KEPT_FORMATS = ("JPEG", "PNG", "WEBP")  # stored as they came; anything else PIL reads is re-encoded as PNG
+MANIFEST = "manifest.json"
+EXAMPLES_PER_REASON = 5  # skipped images named in the report, per reason
 _OK = "ok"
 
 
+def check_encoded(data: bytes | PIL.Image.Image) -> tuple[bytes, str]:
+    """An image's bytes to store and its format, after decoding it once (JPEGs at 1/8 scale: enough to find
+    truncation); formats outside `KEPT_FORMATS` come back re-encoded as PNG. Raises `BadImageError`."""
+    image, _ = open_image(data, load=False)
+    fmt = image.format or "unknown"
+    try:
+        if fmt == "JPEG":
+            image.draft(image.mode, (max(1, image.width // 8), max(1, image.height // 8)))
+        image.load()
+    except Exception as err:
+        raise BadImageError("corrupt", str(err)) from err
+    if fmt in KEPT_FORMATS and isinstance(data, bytes | bytearray):
+        return bytes(data), fmt
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue(), fmt
+
+
+@dataclass(frozen=True)
+class ShardBuild:
+    """`rows` of `source` (in that order) to write as `storage` shards of about `shard_bytes` each.
+
+    A node returns it; the catalog's `ImageShardsDataset` writes it on every rank (`write`), so the work is
+    shared. `pp` is the fixed-size decode pp of the `pixels` mode."""
+
+    source: datasets.Dataset
+    rows: np.ndarray
+    storage: str = "encoded"
+    pp: str | None = None
+    shard_bytes: int = 256 << 20
+    num_proc: int = 1
+    name: str = "cache"
+    _plan: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.storage not in STORAGE_MODES:
+            raise ValueError(f"storage must be one of {STORAGE_MODES}, got {self.storage!r}")
+        if self.storage == "pixels" and not (self.pp or "").lstrip().startswith("decode"):
+            raise ValueError(f"the pixels storage needs a pp starting with 'decode', got {self.pp!r}")
+        if len(self.rows) == 0:
+            raise ValueError(f"{self.name}: no images to cache")
+
+    # ---------------------------------------------------------------------------------------------- layout
+    @property
+    def plan(self) -> dict[str, Any]:
+        """Rows per shard, the pixel shape (pixels mode) and a key naming this exact build."""
+        if not self._plan:
+            sample = self.source[[int(i) for i in self.rows[:64]]]["image"]
+            if self.storage == "pixels":
+                shape = _first_good_shape(sample, build_pp(self.pp))
+                h, w, c = shape
+                image_bytes = h * w * c + 4 * (h * w + h + 1)  # Array3D: nested lists, an offset per list
+            else:
+                shape = None
+                image_bytes = int(np.mean([len(_raw_bytes(v)) for v in sample])) + 4
+            row_bytes = image_bytes + 16  # label, source_index
+            rows_per_shard = max(1, min(len(self.rows), self.shard_bytes // row_bytes))
+            key = hashlib.sha1(
+                json.dumps(
+                    [self.source._fingerprint, self.storage, self.pp, rows_per_shard, shape],
+                    default=str,
+                ).encode()
+                + np.asarray(self.rows, np.int64).tobytes()
+            ).hexdigest()[:16]
+            self._plan.update(rows_per_shard=rows_per_shard, shape=shape, key=key)
+        return self._plan
+
+    @property
+    def num_shards(self) -> int:
+        return -(-len(self.rows) // self.plan["rows_per_shard"])
+
+    def features(self) -> datasets.Features:
+        label = self.source.features["label"]
+        image = (
+            datasets.Array3D(tuple(self.plan["shape"]), "uint8")
+            if self.storage == "pixels"
+            else datasets.Value("binary")
+        )
+        return datasets.Features(
+            image=image,
+            label=label if isinstance(label, datasets.ClassLabel) else datasets.Value("int64"),
+            source_index=datasets.Value("int64"),
+        )
+
+    # ---------------------------------------------------------------------------------------------- writing
+    def write(
+        self, folder: str | Path, rank: int = 0, world: int = 1, barrier: Callable[[], None] = lambda: None
+    ) -> dict[str, Any]:
+        """Write the shards of this rank (`i % world == rank`) into `folder`; rank 0 then writes the manifest
+        and moves the finished folder into place. Every rank must call it (collective). A folder that already
+        holds this exact build is kept as it is."""
+        folder = Path(folder)
+        partial = folder.with_name(folder.name + ".partial")
+        key = self.plan["key"]
+        done = _read_json(folder / MANIFEST)
+        if done.get("key") == key:  # the same rows, storage and pp are already cached: nothing to write
+            return done
+        if rank == 0:
+            if _read_json(partial / "build.json").get("key") != key:  # another build's leftovers
+                shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True, exist_ok=True)
+            (partial / "build.json").write_text(json.dumps({"key": key}))
+        barrier()
+        if not (partial / "build.json").exists():
+            raise FileNotFoundError(
+                f"rank {rank} cannot see {partial}, which rank 0 created: "
+                "put the data folder on storage that every node mounts"
+            )
+        mine = [i for i in range(rank, self.num_shards, world) if not (partial / _stats_name(i)).exists()]
+        started = time.perf_counter()
+        for _ in _map_shards(self, partial, mine, rank):
+            pass
+        barrier()
+        manifest = None
+        if rank == 0:
+            manifest = self._manifest(partial, time.perf_counter() - started, world)
+            (partial / MANIFEST).write_text(json.dumps(manifest, indent=2))
+            (partial / "build.json").unlink()
+            shutil.rmtree(folder, ignore_errors=True)
+            partial.rename(folder)
+        barrier()
+        return manifest or read_manifest(folder)
+
+    def write_shard(self, index: int, folder: Path, rank: int = 0) -> dict[str, Any]:
+        """Shard `index`: its rows processed in order into `folder/shard-<index>.arrow`, with its statistics
+        (`rank`: who wrote it, for the manifest)."""
+        start = index * self.plan["rows_per_shard"]
+        rows = self.rows[start : start + self.plan["rows_per_shard"]]
+        op = build_pp(self.pp) if self.storage == "pixels" else None
+        counts, formats, examples = Counter(), Counter(), {}
+        started = time.perf_counter()
+        path = folder / _shard_name(index)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        source_bytes = 0
+        with ArrowWriter(features=self.features(), path=str(tmp), writer_batch_size=256) as writer:
+            for first in range(0, len(rows), 256):
+                ids = [int(i) for i in rows[first : first + 256]]
+                batch = self.source[ids]
+                kept: dict[str, list] = {"image": [], "label": [], "source_index": []}
+                for row, value, label in zip(ids, batch["image"], batch["label"], strict=True):
+                    data = value if isinstance(value, PIL.Image.Image) else _raw_bytes(value)
+                    source_bytes += len(data) if isinstance(data, bytes | bytearray) else 0
+                    try:
+                        if op is not None:
+                            image, mode = open_image(data)
+                            array = op(image, np.random.default_rng(0)).permute(1, 2, 0).numpy()
+                            if list(array.shape) != list(self.plan["shape"]):
+                                raise ValueError(
+                                    f"pp {self.pp!r} gave shape {array.shape} and {self.plan['shape']}: "
+                                    "end it at a fixed size"
+                                )
+                            kept["image"].append(array)
+                            formats[mode] += 1
+                        else:
+                            stored, fmt = check_encoded(data)
+                            kept["image"].append(stored)
+                            formats[fmt] += 1
+                    except BadImageError as err:
+                        counts[err.reason] += 1
+                        names = examples.setdefault(err.reason, [])
+                        if len(names) < EXAMPLES_PER_REASON:
+                            names.append(_describe(row, value))
+                        continue
+                    kept["label"].append(label)
+                    kept["source_index"].append(row)
+                if kept["label"]:
+                    writer.write_batch(kept)
+            writer.finalize()
+        tmp.rename(path)
+        stats = {
+            "file": path.name,
+            "rows": len(rows) - sum(counts.values()),
+            "bytes": path.stat().st_size,
+            "source_bytes": source_bytes,
+            "skipped": dict(counts),
+            "examples": examples,
+            "formats": dict(formats),
+            "seconds": round(time.perf_counter() - started, 3),
+            "rank": rank,
+        }
+        (folder / _stats_name(index)).write_text(json.dumps(stats))
+        return stats
+
+    def _manifest(self, folder: Path, seconds: float, world: int) -> dict[str, Any]:
+        shards = [_read_json(folder / _stats_name(i)) for i in range(self.num_shards)]
+        skipped, formats, examples = Counter(), Counter(), {}
+        for s in shards:
+            skipped.update(s["skipped"])
+            formats.update(s["formats"])
+            for reason, names in s["examples"].items():
+                examples.setdefault(reason, []).extend(names)
+        kept = sum(s["rows"] for s in shards)
+        stored = sum(s["bytes"] for s in shards)
+        source = sum(s["source_bytes"] for s in shards)
+        for i in range(self.num_shards):
+            (folder / _stats_name(i)).unlink()
+        reencoded = {f: n for f, n in formats.items() if f not in KEPT_FORMATS}
+        return {
+            "name": self.name,
+            "key": self.plan["key"],
+            "storage": self.storage,
+            "pp": self.pp,
+            "image_shape": self.plan["shape"],
+            "images_in": len(self.rows),
+            "images_kept": kept,
+            "skipped": dict(sorted(skipped.items())),
+            "skipped_examples": {r: names[:EXAMPLES_PER_REASON] for r, names in sorted(examples.items())},
+            **(
+                {"formats": dict(sorted(formats.items())), "reencoded_as_png": reencoded}
+                if self.storage == "encoded"
+                else {"converted_to_rgb": {m: n for m, n in sorted(formats.items()) if m != "RGB"}}
+            ),
+            "shards": [{k: s[k] for k in ("file", "rows", "bytes", "rank")} for s in shards],
+            "bytes": stored,
+            "bytes_per_image": round(stored / max(kept, 1), 1),
+            "source_bytes": source,
+            "bytes_over_source": round(stored / max(source, 1), 4),
+            "build_seconds": round(seconds, 2),
+            "processes": world * self.num_proc,
+        }
+
+
+_BUILD: dict[str, Any] = {}  # each worker's ShardBuild and folder, set once by `_start_worker`
+
+
+def _start_worker(build: ShardBuild, folder: Path, rank: int) -> None:
+    # a forked child must not enter the parent's OpenMP pool (it hangs); the processes give the parallelism
+    torch.set_num_threads(1)
+    _BUILD.update(build=build, folder=folder, rank=rank)
+
+
+def _worker_shard(index: int) -> dict[str, Any]:
+    return _BUILD["build"].write_shard(index, _BUILD["folder"], _BUILD["rank"])
+
+
+def _map_shards(build: ShardBuild, folder: Path, shards: list[int], rank: int) -> Any:
+    bar = tqdm(total=len(shards), desc=f"writing {build.name} shards", unit="shard", disable=rank != 0)
+    if build.num_proc <= 1 or len(shards) <= 1:
+        for i in shards:
+            yield build.write_shard(i, folder, rank)
+            bar.update()
+    else:
+        # fork: workers inherit the memory-mapped source instead of pickling it
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        context = multiprocessing.get_context(method)
+        workers = min(build.num_proc, len(shards))
+        with ProcessPoolExecutor(workers, context, _start_worker, (build, folder, rank)) as pool:
+            for stats in pool.map(_worker_shard, shards):
+                bar.update()
+                yield stats
+    bar.close()
+
+
+def resolve_num_proc(requested: int | str | None, processes: int = 1) -> int:
+    """Worker processes per rank for the cache build: `"auto"` (or None) shares the cores among the ranks."""
+    if requested in ("auto", None):
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return max(1, cores // max(1, processes))
+    if not isinstance(requested, int) or requested < 1:
+        raise ValueError(f"num_proc must be 'auto' or a whole number >= 1, got {requested!r}")
+    return requested
+
+
+def _shard_name(index: int) -> str:
+    return f"shard-{index:05d}.arrow"
+
+
+def _stats_name(index: int) -> str:
+    return f"shard-{index:05d}.json"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _raw_bytes(value: Any) -> bytes:
+    """The encoded bytes of an undecoded `datasets.Image` value (`{"bytes", "path"}`), or b"" where none."""
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return value["bytes"]
+        if value.get("path") and os.path.exists(value["path"]):
+            return Path(value["path"]).read_bytes()
+        return b""
+    return value if isinstance(value, bytes | bytearray) else b""
+
+
+def _describe(row: int, value: Any) -> str:
+    path = value.get("path") if isinstance(value, dict) else None
+    return f"row {row}" + (f" ({path})" if path else "")
+
+
+def open_shards(folder: str | Path) -> datasets.Dataset:
+    """The cache in `folder` as one memory-mapped Dataset (`image`, `label`, `source_index`)."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    parts = []
+    for shard in manifest["shards"]:
+        try:
+            parts.append(datasets.Dataset.from_file(str(folder / shard["file"])))
+        except Exception as err:  # pyarrow raises several kinds on a damaged file
+            raise OSError(f"cannot read cache shard {folder / shard['file']}: {err}") from err
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+def read_manifest(folder_or_cache: str | Path | datasets.Dataset) -> dict[str, Any]:
+    """A cache folder's `manifest.json`, from the folder or from the Dataset `open_shards` gave."""
+    if isinstance(folder_or_cache, datasets.Dataset):
+        if not folder_or_cache.cache_files:
+            raise ValueError("this Dataset is not a cache on disk")
+        folder_or_cache = Path(folder_or_cache.cache_files[0]["filename"]).parent
+    path = Path(folder_or_cache) / MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(f"no image cache at {path.parent} (no {MANIFEST})")
+    return json.loads(path.read_text())
+
+
+def storage_mode(cache: datasets.Dataset) -> str:
+    """ "pixels" where `image` holds decoded arrays, else "encoded"."""
+    return "pixels" if isinstance(cache.features["image"], datasets.Array3D) else "encoded"
+
+
+# ------------------------------------------------------------------------------- small sets, held in memory
 def cache_images(
     dataset: datasets.Dataset, pp: str, num_proc: int | None = None, batch_size: int = 256
 ) -> tuple[datasets.Dataset, dict[str, Any]]:
-    """Apply the deterministic pp `pp` (which must start with `decode` and end at a fixed size, e.g.
-    `"decode|resize_small(36)|central_crop(32)"`) to every image.
-
-    Returns the cache (columns `image`: uint8 `[H, W, 3]`, `label`: int) and a report counting the images
-    kept, the colour modes that were converted and the images skipped by reason (empty, corrupt, too_small).
-    """
+    """The `pixels` cache of a small set (downstream splits), held in memory: `pp` (which must start with
+    `decode` and end at a fixed size, e.g. `"decode|resize_small(36)|central_crop(32)"`) applied to every
+    image. Returns the cache (`image` uint8 `[H, W, 3]`, `label`, `source_index`) and the build's report."""
     if not pp.lstrip().startswith("decode"):
         raise ValueError(f"the cache pp must start with 'decode', got {pp!r}")
     if len(dataset) == 0:
         raise ValueError("cannot cache an empty dataset")
-    op = build_pp(pp)
-    probe = _first_good_shape(dataset, op)
-
-    def process(batch: dict[str, list]) -> dict[str, list]:
-        images, statuses, modes = [], [], []
-        for value in batch["image"]:
-            try:
-                image, mode = open_image(value)
-                array = op(image, np.random.default_rng(0)).permute(1, 2, 0).numpy()
-                if array.shape != probe:
-                    raise ValueError(
-                        f"pp {pp!r} gave shape {array.shape} and {probe}: end it at a fixed size"
-                    )
-                images.append(array)
-                statuses.append(_OK)
-                modes.append(mode)
-            except BadImageError as err:
-                images.append(np.zeros(probe, np.uint8))
-                statuses.append(err.reason)
-                modes.append("")
-        return {"image": images, "label": batch["label"], "status": statuses, "mode": modes}
-
-    features = datasets.Features(
-        image=datasets.Array3D(probe, "uint8"),
-        label=datasets.Value("int64"),
-        status=datasets.Value("string"),
-        mode=datasets.Value("string"),
-    )
-    processed = dataset.map(
-        process,
-        batched=True,
-        batch_size=batch_size,
-        num_proc=num_proc,
-        features=features,
-        remove_columns=dataset.column_names,
-        desc=f"caching {pp}",
-    )
-    statuses = Counter(processed["status"])
-    modes = Counter(m for m, s in zip(processed["mode"], processed["status"], strict=True) if s == _OK)
-    kept = processed.filter(lambda s: [x == _OK for x in s], input_columns="status", batched=True)
+    build = ShardBuild(dataset, np.arange(len(dataset)), "pixels", pp, shard_bytes=1 << 62)
+    with tempfile.TemporaryDirectory(prefix="vit-cache-") as tmp:
+        folder = Path(tmp)
+        build.write_shard(0, folder)
+        stats = json.loads((folder / _stats_name(0)).read_text())
+        cache = datasets.Dataset.from_file(str(folder / _shard_name(0)), in_memory=True)
     report = {
         "pp": pp,
         "images_in": len(dataset),
-        "images_kept": statuses[_OK],
-        "skipped": {reason: n for reason, n in sorted(statuses.items()) if reason != _OK},
-        "converted_to_rgb": {mode: n for mode, n in sorted(modes.items()) if mode != "RGB"},
-        "image_shape": list(probe),
+        "images_kept": stats["rows"],
+        "skipped": dict(sorted(stats["skipped"].items())),
+        "converted_to_rgb": {m: n for m, n in sorted(stats["formats"].items()) if m != "RGB"},
+        "image_shape": list(build.plan["shape"]),
     }
-    cache = kept.remove_columns(["status", "mode"])
-    if isinstance(dataset.features.get("label"), datasets.ClassLabel):
-        cache = cache.cast_column("label", dataset.features["label"])
     return cache, report
 
 
-def _first_good_shape(dataset: datasets.Dataset, op: Any) -> tuple[int, int, int]:
-    for value in dataset.select(range(min(len(dataset), 64)))["image"]:
+def _first_good_shape(values: Sequence[Any], op: Any) -> list[int]:
+    for value in values:
         try:
-            return tuple(op(value, np.random.default_rng(0)).permute(1, 2, 0).shape)
+            return list(op(value, np.random.default_rng(0)).permute(1, 2, 0).shape)
         except BadImageError:
             continue
     raise ValueError("none of the first 64 images could be decoded")
+
+
+# ----------------------------------------------------------------------------------------------- splits
+def split_rows(
+    labels: np.ndarray, fraction: float, seed: int = 0, stratify: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """Row numbers of a (train, held-out) split holding out `fraction` of `labels`' rows, by class where
+    `stratify` (each class's share rounded so the total is ceil(fraction * rows)); both in ascending order."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"minival fraction must be in (0, 1), got {fraction}")
+    labels = np.asarray(labels)
+    total = int(np.ceil(fraction * len(labels)))
+    order = np.random.default_rng(seed).permutation(len(labels))
+    if not stratify:
+        held = order[:total]
+    else:
+        classes, counts = np.unique(labels, return_counts=True)
+        share = counts * total / len(labels)
+        take = np.floor(share).astype(int)
+        for c in np.argsort(-(share - take), kind="stable")[: total - take.sum()]:
+            take[c] += 1
+        shuffled = labels[order]
+        held = np.concatenate(
+            [order[shuffled == c][:n] for c, n in zip(classes, take, strict=True)] or [np.empty(0, int)]
+        )
+    mask = np.zeros(len(labels), bool)
+    mask[held] = True
+    return np.flatnonzero(~mask), np.flatnonzero(mask)
 
 
 def split_minival(
     dataset: datasets.Dataset, fraction: float, seed: int = 0
 ) -> tuple[datasets.Dataset, datasets.Dataset]:
     """Hold out `fraction` of the rows (stratified by label where it is a ClassLabel) as minival."""
-    if not 0.0 < fraction < 1.0:
-        raise ValueError(f"minival fraction must be in (0, 1), got {fraction}")
-    stratify = "label" if isinstance(dataset.features["label"], datasets.ClassLabel) else None
-    parts = dataset.train_test_split(test_size=fraction, seed=seed, stratify_by_column=stratify)
-    return parts["train"], parts["test"]
+    stratify = isinstance(dataset.features["label"], datasets.ClassLabel)
+    train, held = split_rows(label_array(dataset), fraction, seed, stratify)
+    return dataset.select(train), dataset.select(held)
+
+
+def label_array(dataset: datasets.Dataset) -> np.ndarray:
+    """The `label` column as int64, without reading the images."""
+    return np.asarray(dataset.select_columns(["label"]).with_format("numpy")[:]["label"], np.int64)
 
 
 def num_classes(dataset: datasets.Dataset) -> int:
@@ -105,4 +452,4 @@ def num_classes(dataset: datasets.Dataset) -> int:
     feature = dataset.features["label"]
     if isinstance(feature, datasets.ClassLabel):
         return feature.num_classes
-    return int(max(dataset["label"])) + 1
+    return int(label_array(dataset).max()) + 1

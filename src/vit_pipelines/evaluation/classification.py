@@ -35,6 +35,7 @@ def objective_accuracy(
     the corrupted patches' colours for masked patch prediction (its draws seeded by `seed`, the global RNG
     left as it was)."""
     loader = eval_loader(cache, pp, batch_size)
+    finish = loader.dataset.on_device
     device = next(objective.parameters()).device
     if accelerator is not None:
         loader = accelerator.prepare_data_loader(loader)
@@ -46,7 +47,8 @@ def objective_accuracy(
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         for batch in loader:
-            images, labels = batch["images"].to(device), batch["labels"].to(device)
+            images = finish(batch["images"].to(device, non_blocking=True))
+            labels = batch["labels"].to(device)
             with (
                 accelerator.autocast()
                 if accelerator is not None

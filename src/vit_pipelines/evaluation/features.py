@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from vit_pipelines.data.loader import content_fingerprint, eval_loader
+from vit_pipelines.data.loader import content_fingerprint, eval_batches
 from vit_pipelines.models.vit import VisionTransformer
 from vit_pipelines.training.loop import resolve_mixed_precision
 
@@ -29,11 +29,12 @@ def extract_features(
     device = next(model.parameters()).device
     bf16 = resolve_mixed_precision("auto") == "bf16"
     features, labels = [], []
-    for batch in tqdm(eval_loader(cache, pp, batch_size), desc=desc, leave=False):
+    batches = eval_batches(cache, pp, batch_size, device)
+    for batch in tqdm(batches, desc=desc, total=-(-len(cache) // batch_size), leave=False):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = model.forward_features(batch["images"].to(device), tokens=False)["pre_logits"]
+            out = model.forward_features(batch["images"], tokens=False)["pre_logits"]
         features.append(out.float().cpu().numpy())
-        labels.append(batch["labels"].numpy())
+        labels.append(batch["labels"].cpu().numpy())
     model.train(was_training)
     return np.concatenate(features), np.concatenate(labels)
 

@@ -36,7 +36,7 @@ from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DataLoaderConfiguration, parse_flag_from_env
 from tqdm.auto import tqdm
 
-from vit_pipelines.data.loader import train_loader
+from vit_pipelines.data.loader import resolve_num_workers, train_loader
 from vit_pipelines.fields import check_known_fields
 from vit_pipelines.models.vit import VisionTransformer
 from vit_pipelines.training.checkpoint import (
@@ -85,7 +85,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
     seed: int = 0
-    num_workers: int = 0
+    num_workers: int | str = 0  # loader worker processes per rank; "auto" sizes them from the cores
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> TrainConfig:
@@ -161,7 +161,8 @@ def make_accelerator(mixed_precision: str = "auto") -> Accelerator:
     if state and state.get("_mixed_precision") not in (None, precision):
         AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(
-        mixed_precision=precision, dataloader_config=DataLoaderConfiguration(split_batches=True)
+        mixed_precision=precision,
+        dataloader_config=DataLoaderConfiguration(split_batches=True, non_blocking=True),
     )
 
 
@@ -235,8 +236,10 @@ def train(
     model = accelerator.unwrap_model(prepared).model  # on the device; evaluators and checkpoints use it
     loader = train_loader(
         train_cache, config.pp_train, micro * world, (config.steps - start) * accumulation,
-        seed=config.seed, start_batch=start * accumulation, num_workers=config.num_workers,
+        seed=config.seed, start_batch=start * accumulation,
+        num_workers=resolve_num_workers(config.num_workers, accelerator.device, world),
     )  # fmt: skip
+    finish = loader.dataset.on_device  # value_range on the device, after the uint8 copy
     batches = iter(accelerator.prepare_data_loader(loader))
     params = [p for p in prepared.parameters() if p.requires_grad]
     if ema is not None:
@@ -259,7 +262,7 @@ def train(
     # terms, each summed over what the objective counts (images or corrupted patches)
     first_bad = torch.full((), -1, dtype=torch.long, device=accelerator.device)  # first non-finite loss step
     t_start = t_log = time.perf_counter()
-    images_since_log = 0
+    images_since_log, data_wait = 0, 0.0  # seconds spent waiting for batches since the last log
     prepared.train()
     for step in range(start, end):
         multiplier = lr_multiplier(
@@ -269,10 +272,12 @@ def train(
             group["lr"] = base * multiplier
         torch.manual_seed(config.seed * 1_000_003 + step)  # dropout masks depend on the step only
         for micro_step in range(accumulation):
+            t_wait = time.perf_counter()
             batch = next(batches)
+            data_wait += time.perf_counter() - t_wait
             last = micro_step == accumulation - 1
             with contextlib.nullcontext() if last else accelerator.no_sync(prepared):
-                out = prepared(batch["images"], batch["labels"])
+                out = prepared(finish(batch["images"]), batch["labels"])
                 accelerator.backward(out.loss / accumulation)
             loss = out.loss.detach()
             bad = ~torch.isfinite(loss) & (first_bad < 0)
@@ -312,11 +317,12 @@ def train(
                 **{t: value / seen for t, value in zip(terms, term_sums, strict=True)},
                 "lr": config.lr * multiplier,
                 "images_per_second": images_since_log / seconds,
+                "data_wait_fraction": data_wait / seconds,
                 "images": images_since_log,
                 "seconds": seconds,
             }
             sums.zero_()
-            t_log, images_since_log = time.perf_counter(), 0
+            t_log, images_since_log, data_wait = time.perf_counter(), 0, 0.0
             history.append(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}",
                             lr=f"{record['lr']:.2e}", img_s=f"{record['images_per_second']:.0f}")  # fmt: skip

@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from vit_pipelines.data.loader import eval_loader
+from vit_pipelines.data.loader import eval_batches
 from vit_pipelines.evaluation import analysis
 from vit_pipelines.evaluation.fewshot import pp_for_size
 from vit_pipelines.models import VisionTransformer
@@ -26,7 +26,7 @@ def _images(
     model: VisionTransformer, cache: datasets.Dataset, params: dict[str, Any], count: int
 ) -> torch.Tensor:
     pp = pp_for_size(params["pp"], model.config.image_size)
-    return next(iter(eval_loader(cache.select(range(min(count, len(cache)))), pp, count)))["images"]
+    return next(eval_batches(cache.select(range(min(count, len(cache)))), pp, count))["images"]
 
 
 def patch_embedding(model: VisionTransformer, params: dict[str, Any]) -> tuple[dict[str, Any], plt.Figure]:

@@ -54,12 +54,6 @@ def find_duplicates(
     }
 
 
-def remove_duplicates(pretrain: datasets.Dataset, duplicates: dict) -> datasets.Dataset:
-    """The pretraining set without the matched images (unreadable ones stay: preprocessing counts them)."""
-    removed = {m["pretrain_index"] for m in duplicates["matches"]}
-    return pretrain.select([i for i in range(len(pretrain)) if i not in removed])
-
-
 def report_duplicates(pretrain: datasets.Dataset, duplicates: dict, params: dict[str, Any]) -> dict:
     """Per test set: the pretraining images removed and their [pretrain_index, test_index, score]; the images
     kept; the settings and speed; on the embedded default, recall of its documented leaked copies."""

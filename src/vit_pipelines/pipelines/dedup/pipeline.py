@@ -16,12 +16,6 @@ def create_pipeline(**kwargs) -> Pipeline:
                 name="find_test_duplicates",
             ),
             node(
-                nodes.remove_duplicates,
-                inputs=["pretrain_raw", "dedup_matches"],
-                outputs="pretrain_deduped",
-                name="remove_test_duplicates",
-            ),
-            node(
                 nodes.report_duplicates,
                 inputs=["pretrain_raw", "dedup_matches", "params:dedup"],
                 outputs="dedup_report",

@@ -3,35 +3,82 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from typing import Any
 
 import datasets
 import matplotlib.pyplot as plt
+import numpy as np
 
-from vit_pipelines.data.cache import cache_images, num_classes, split_minival
+from vit_pipelines.data.cache import (
+    ShardBuild,
+    label_array,
+    num_classes,
+    read_manifest,
+    resolve_num_proc,
+    split_rows,
+)
 from vit_pipelines.evaluation.classification import evaluate_accuracy, objective_accuracy
 from vit_pipelines.evaluation.fewshot import cache_fewshot_sets, fewshot_accuracies, pp_for_size
 from vit_pipelines.evaluation.plots import plot_curves
 from vit_pipelines.models import VisionTransformer, ViTConfig
-from vit_pipelines.training.loop import TrainConfig, train
+from vit_pipelines.training.loop import TrainConfig, process_state, train
 from vit_pipelines.training.losses import SIGMOID_HEAD_BIAS
 from vit_pipelines.training.objectives import MASKED_PATCH_CLASSES
 
 log = logging.getLogger(__name__)
 
 
-def preprocess(
-    raw: datasets.Dataset, params: dict[str, Any]
-) -> tuple[datasets.Dataset, datasets.Dataset, dict]:
-    """Decode and resize every image once (`params["pp_cache"]`), then hold out a stratified minival split."""
-    cache, report = cache_images(raw, params["pp_cache"], num_proc=params.get("num_proc"))
-    train_split, minival = split_minival(cache, params["minival_fraction"], params.get("seed", 0))
-    report.update(train_images=len(train_split), minival_images=len(minival), num_classes=num_classes(cache))
-    if report["skipped"]:
-        log.warning(
-            "skipped %s of %d images: %s", sum(report["skipped"].values()), len(raw), report["skipped"]
-        )
-    return train_split, minival, report
+def prepare_cache(
+    raw: datasets.Dataset, duplicates: dict, params: dict[str, Any]
+) -> tuple[ShardBuild, ShardBuild]:
+    """The pretraining images minus the test-set duplicates, split into train and a stratified minival
+    (`params["minival_fraction"]`), each to be written once as a `params["storage"]` cache (see data.cache):
+    the catalog writes them, every rank its share of the shards."""
+    keep = np.ones(len(raw), bool)
+    keep[[m["pretrain_index"] for m in duplicates["matches"]]] = False
+    kept = np.flatnonzero(keep)
+    stratify = isinstance(raw.features["label"], datasets.ClassLabel)
+    train_rows, minival_rows = split_rows(
+        label_array(raw)[kept], params["minival_fraction"], params.get("seed", 0), stratify
+    )
+    options = {
+        "storage": params.get("storage", "encoded"),
+        "pp": params.get("pp_cache"),
+        "shard_bytes": int(params.get("shard_mb", 256) * 2**20),
+        "num_proc": resolve_num_proc(params.get("num_proc", "auto"), process_state().num_processes),
+    }
+    return (
+        ShardBuild(raw, kept[train_rows], name="train", **options),
+        ShardBuild(raw, kept[minival_rows], name="minival", **options),
+    )
+
+
+def report_cache(train: datasets.Dataset, minival: datasets.Dataset) -> dict[str, Any]:
+    """What preprocessing kept and skipped (by reason, the first few named), bytes and shards, build time."""
+    parts = {"train": read_manifest(train), "minival": read_manifest(minival)}
+    report = {
+        "storage": parts["train"]["storage"],
+        "pp": parts["train"]["pp"],
+        "images_in": sum(p["images_in"] for p in parts.values()),
+        "images_kept": sum(p["images_kept"] for p in parts.values()),
+        "skipped": dict(sum((Counter(p["skipped"]) for p in parts.values()), Counter())),
+        "train_images": len(train),
+        "minival_images": len(minival),
+        "num_classes": num_classes(train),
+        "bytes": sum(p["bytes"] for p in parts.values()),
+        "source_bytes": sum(p["source_bytes"] for p in parts.values()),
+        "build_seconds": round(sum(p["build_seconds"] for p in parts.values()), 2),
+        **parts,
+    }
+    report["bytes_per_image"] = round(report["bytes"] / max(report["images_kept"], 1), 1)
+    report["bytes_over_source"] = round(report["bytes"] / max(report["source_bytes"], 1), 4)
+    skipped = sum(report["skipped"].values())
+    if skipped:
+        log.warning("skipped %d of %d images: %s", skipped, report["images_in"], report["skipped"])
+    megabytes, ratio = report["bytes"] / 1e6, report["bytes_over_source"]
+    log.info("image cache: %d images, %.1f MB, %.2fx the source", report["images_kept"], megabytes, ratio)
+    return report
 
 
 def build_model(
@@ -118,6 +165,10 @@ def evaluate(
         "wall_seconds": history["wall_seconds"],
         "resumed_from_step": history["resumed_from_step"],
         "final_train_loss": train_logs[-1]["loss"] if train_logs else None,
+        "data_wait_fraction": (
+            sum(r.get("data_wait_fraction", 0.0) * r["seconds"] for r in train_logs)
+            / max(sum(r["seconds"] for r in train_logs), 1e-9)
+        ),
         "fewshot": {k: v for k, v in (records[-1] if records else {}).items() if k.startswith("fewshot_")},
         "parameters": sum(p.numel() for p in model.parameters()),
         "model": model.config.to_dict(),

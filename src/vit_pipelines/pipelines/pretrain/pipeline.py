@@ -6,15 +6,21 @@ from vit_pipelines.pipelines.pretrain import nodes
 
 
 def data_pipeline() -> Pipeline:
-    """The pretraining images de-duplicated against the downstream test sets, decoded once and split."""
+    """The pretraining images less their duplicates of downstream test images, written once as a cache."""
     return dedup.create_pipeline() + pipeline(
         [
             node(
-                nodes.preprocess,
-                inputs=["pretrain_deduped", "params:pretrain.data"],
-                outputs=["pretrain_cache_train", "pretrain_cache_minival", "pretrain_preprocess_report"],
+                nodes.prepare_cache,
+                inputs=["pretrain_raw", "dedup_matches", "params:pretrain.data"],
+                outputs=["pretrain_cache_train", "pretrain_cache_minival"],
                 name="preprocess_pretrain_images",
-            )
+            ),
+            node(
+                nodes.report_cache,
+                inputs=["pretrain_cache_train", "pretrain_cache_minival"],
+                outputs="pretrain_preprocess_report",
+                name="report_pretrain_cache",
+            ),
         ]
     )
 
