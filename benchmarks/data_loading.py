@@ -50,7 +50,8 @@ def model_images_per_second(params: dict[str, Any], cache, batch: int, steps: in
     accelerator = make_accelerator(config.mixed_precision)
     optimizer = config.build_optimizer(objective, accelerator.device)
     prepared, optimizer = accelerator.prepare(objective, optimizer)
-    batches = list(train_loader(cache, config.pp_train, batch, 2, seed=0))
+    loader = train_loader(cache, config.pp_train, batch, 2, seed=0)
+    batches = [{**b, "images": loader.dataset.on_device(b["images"])} for b in loader]
 
     def step(b: dict[str, torch.Tensor]) -> torch.Tensor:
         loss = prepared(b["images"], b["labels"]).loss

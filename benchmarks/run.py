@@ -2,8 +2,8 @@
 
     pip install -c constraints-cpu.txt -e ".[bench]"
     python benchmarks/run.py                       # all (about 25 minutes on 2 CPU cores)
-    python benchmarks/run.py --only training data  # a subset (of training breakdown data fewshot dedup
-                                                   # memory): updates those entries of results.json, keeps
+    python benchmarks/run.py --only training data  # a subset (of training breakdown data scale fewshot
+                                                   # dedup memory): updates those entries of results.json, keeps
                                                    # the others
     python benchmarks/run.py --memory-steps 200    # the pretrain memory run shortened to 200 steps
 
@@ -11,7 +11,8 @@
    FLOPs, TFLOP/s and MFU against the bf16 matmul peak measured in the same run, loss-curve parity;
 2. breakdown: where our Ti/4@32 bf16 training step goes, per kernel and matmul (time, GB/s, TFLOP/s), beside the
    machine's copy bandwidth;
-3. data: the Arrow-cache train loader vs the default pretrain model's training step;
+3. data: the cache's train loader vs the default pretrain model's training step; scale: 2,000 real-size JPEGs
+   through the encoded cache (storage, build speed-up, decode cost against plain PIL, data wait);
 4. fewshot: the few-shot ridge grid vs scikit-learn's Ridge per λ;
 5. dedup: de-duplication hashing and search throughput, and its growth with 10x the images;
 6. memory: peak RSS of the default `kedro run --pipeline pretrain`.
@@ -32,6 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))  # the sibling benchmark modules
 
 import data_loading  # noqa: E402
+import data_scale  # noqa: E402
 import dedup_throughput  # noqa: E402
 import fewshot_grid  # noqa: E402
 import pretrain_memory  # noqa: E402
@@ -43,6 +45,7 @@ BENCHMARKS = {
     "training": train_throughput,
     "breakdown": step_breakdown,
     "data": data_loading,
+    "scale": data_scale,
     "fewshot": fewshot_grid,
     "dedup": dedup_throughput,
     "memory": pretrain_memory,

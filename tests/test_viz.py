@@ -42,7 +42,12 @@ NOT_COPIED = {
     "benchmarks",
 }
 # Every task of `pretrain` must appear; more are read from `create_pipeline()`.
-PRETRAIN_TASKS = {"preprocess_pretrain_images", "pretrain_vit", "evaluate_pretrained_vit"}
+PRETRAIN_TASKS = {
+    "preprocess_pretrain_images",
+    "report_pretrain_cache",
+    "pretrain_vit",
+    "evaluate_pretrained_vit",
+}
 PRETRAIN_CATALOG_DATASETS = {"pretrained_model", "pretrain_metrics"}
 KEDRO_TIMEOUT_S = 120
 CHROMIUM_TIMEOUT_S = 90

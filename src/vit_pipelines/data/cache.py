@@ -187,26 +187,15 @@ class ShardBuild:
                     data = value if isinstance(value, PIL.Image.Image) else _raw_bytes(value)
                     source_bytes += len(data) if isinstance(data, bytes | bytearray) else 0
                     try:
-                        if op is not None:
-                            image, mode = open_image(data)
-                            array = op(image, np.random.default_rng(0)).permute(1, 2, 0).numpy()
-                            if list(array.shape) != list(self.plan["shape"]):
-                                raise ValueError(
-                                    f"pp {self.pp!r} gave shape {array.shape} and {self.plan['shape']}: "
-                                    "end it at a fixed size"
-                                )
-                            kept["image"].append(array)
-                            formats[mode] += 1
-                        else:
-                            stored, fmt = check_encoded(data)
-                            kept["image"].append(stored)
-                            formats[fmt] += 1
+                        stored, fmt = self.stored(data, op)
                     except BadImageError as err:
                         counts[err.reason] += 1
                         names = examples.setdefault(err.reason, [])
                         if len(names) < EXAMPLES_PER_REASON:
                             names.append(_describe(row, value))
                         continue
+                    kept["image"].append(stored)
+                    formats[fmt] += 1
                     kept["label"].append(label)
                     kept["source_index"].append(row)
                 if kept["label"]:
@@ -226,6 +215,19 @@ class ShardBuild:
         }
         (folder / _stats_name(index)).write_text(json.dumps(stats))
         return stats
+
+    def stored(self, data: bytes | PIL.Image.Image, op: Any) -> tuple[Any, str]:
+        """One image as this storage keeps it, with its format (encoded) or colour mode (pixels, `op` the
+        compiled pp). Raises `BadImageError`."""
+        if self.storage == "encoded":
+            return check_encoded(data)
+        image, mode = open_image(data)
+        array = op(image, np.random.default_rng(0)).permute(1, 2, 0).numpy()
+        if list(array.shape) != list(self.plan["shape"]):
+            raise ValueError(
+                f"pp {self.pp!r} gave shape {array.shape} and {self.plan['shape']}: end it at a fixed size"
+            )
+        return array, mode
 
     def _manifest(self, folder: Path, seconds: float, world: int) -> dict[str, Any]:
         shards = [_read_json(folder / _stats_name(i)) for i in range(self.num_shards)]
