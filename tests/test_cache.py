@@ -231,3 +231,10 @@ def test_the_same_build_is_not_written_twice(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert ShardBuild(source(values), np.arange(3), "encoded").write(tmp_path / "c")["images_kept"] == 3
     assert len(open_shards(tmp_path / "c")) == 3
+
+
+def test_a_rank_that_cannot_see_rank_0s_folder_stops_with_a_clear_message(tmp_path):
+    values = [encoded(photo(seed=s), "PNG") for s in range(4)]
+    build = ShardBuild(source(values), np.arange(4), "encoded", shard_bytes=2 * len(values[0]))
+    with pytest.raises(FileNotFoundError, match="rank 1 cannot see .*storage that every node mounts"):
+        build.write(tmp_path / "c", rank=1, world=2)  # rank 0 ran on another machine's disk
