@@ -238,3 +238,19 @@ def test_a_rank_that_cannot_see_rank_0s_folder_stops_with_a_clear_message(tmp_pa
     build = ShardBuild(source(values), np.arange(4), "encoded", shard_bytes=2 * len(values[0]))
     with pytest.raises(FileNotFoundError, match="rank 1 cannot see .*storage that every node mounts"):
         build.write(tmp_path / "c", rank=1, world=2)  # rank 0 ran on another machine's disk
+
+
+def test_auto_workers_and_build_processes_follow_the_cores(monkeypatch):
+    from vit_pipelines.data import cache, loader
+
+    for module in (cache, loader):
+        monkeypatch.setattr(module, "usable_cores", lambda: 32)
+    assert loader.resolve_num_workers("auto", "cuda", processes=4) == 7  # 8 cores a rank, one for the rank
+    assert loader.resolve_num_workers("auto", "cuda", processes=1) == 16  # at most 16
+    assert loader.resolve_num_workers("auto", "cpu", processes=1) == 8  # the step computes on the same cores
+    assert loader.resolve_num_workers("auto", "cpu", processes=8) == 0
+    assert loader.resolve_num_workers(3, "cpu") == 3 and cache.resolve_num_proc("auto", processes=4) == 8
+    with pytest.raises(ValueError, match="num_workers must be"):
+        loader.resolve_num_workers(-1)
+    with pytest.raises(ValueError, match="num_proc must be"):
+        cache.resolve_num_proc(0)

@@ -299,11 +299,15 @@ def _map_shards(build: ShardBuild, folder: Path, shards: list[int], rank: int) -
     bar.close()
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def resolve_num_proc(requested: int | str | None, processes: int = 1) -> int:
     """Worker processes per rank for the cache build: `"auto"` (or None) shares the cores among the ranks."""
     if requested in ("auto", None):
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        return max(1, cores // max(1, processes))
+        return max(1, usable_cores() // max(1, processes))
     if not isinstance(requested, int) or requested < 1:
         raise ValueError(f"num_proc must be 'auto' or a whole number >= 1, got {requested!r}")
     return requested

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from collections.abc import Iterator, Sequence
 
 import datasets
@@ -21,7 +20,7 @@ import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from vit_pipelines.data.cache import storage_mode
+from vit_pipelines.data.cache import storage_mode, usable_cores
 from vit_pipelines.data.ops import BadImageError, build_pp, split_pp
 
 log = logging.getLogger(__name__)
@@ -138,8 +137,7 @@ def resolve_num_workers(requested: int | str, device: torch.device | str = "cpu"
         if not isinstance(requested, int) or requested < 0:
             raise ValueError(f"num_workers must be 'auto' or a whole number >= 0, got {requested!r}")
         return requested
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    share = max(1, cores // max(1, processes))
+    share = max(1, usable_cores() // max(1, processes))
     if torch.device(device).type == "cpu":
         return 0 if share <= 4 else share // 4
     return min(16, share - 1)
