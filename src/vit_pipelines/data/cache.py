@@ -41,7 +41,6 @@ STORAGE_MODES = ("encoded", "pixels")
 KEPT_FORMATS = ("JPEG", "PNG", "WEBP")  # stored as they came; anything else PIL reads is re-encoded as PNG
 MANIFEST = "manifest.json"
 EXAMPLES_PER_REASON = 5  # skipped images named in the report, per reason
-_OK = "ok"
 
 
 def check_encoded(data: bytes | PIL.Image.Image) -> tuple[bytes, str]:
@@ -154,8 +153,7 @@ class ShardBuild:
             )
         mine = [i for i in range(rank, self.num_shards, world) if not (partial / _stats_name(i)).exists()]
         started = time.perf_counter()
-        for _ in _map_shards(self, partial, mine, rank):
-            pass
+        _write_shards(self, partial, mine, rank)
         barrier()
         manifest = None
         if rank == 0:
@@ -281,11 +279,11 @@ def _worker_shard(index: int) -> dict[str, Any]:
     return _BUILD["build"].write_shard(index, _BUILD["folder"], _BUILD["rank"])
 
 
-def _map_shards(build: ShardBuild, folder: Path, shards: list[int], rank: int) -> Any:
+def _write_shards(build: ShardBuild, folder: Path, shards: list[int], rank: int) -> None:
     bar = tqdm(total=len(shards), desc=f"writing {build.name} shards", unit="shard", disable=rank != 0)
     if build.num_proc <= 1 or len(shards) <= 1:
         for i in shards:
-            yield build.write_shard(i, folder, rank)
+            build.write_shard(i, folder, rank)
             bar.update()
     else:
         # fork: workers inherit the memory-mapped source instead of pickling it
@@ -293,9 +291,8 @@ def _map_shards(build: ShardBuild, folder: Path, shards: list[int], rank: int) -
         context = multiprocessing.get_context(method)
         workers = min(build.num_proc, len(shards))
         with ProcessPoolExecutor(workers, context, _start_worker, (build, folder, rank)) as pool:
-            for stats in pool.map(_worker_shard, shards):
+            for _ in pool.map(_worker_shard, shards):
                 bar.update()
-                yield stats
     bar.close()
 
 
@@ -375,9 +372,7 @@ def storage_mode(cache: datasets.Dataset) -> str:
 
 
 # ------------------------------------------------------------------------------- small sets, held in memory
-def cache_images(
-    dataset: datasets.Dataset, pp: str, num_proc: int | None = None, batch_size: int = 256
-) -> tuple[datasets.Dataset, dict[str, Any]]:
+def cache_images(dataset: datasets.Dataset, pp: str) -> tuple[datasets.Dataset, dict[str, Any]]:
     """The `pixels` cache of a small set (downstream splits), held in memory: `pp` (which must start with
     `decode` and end at a fixed size, e.g. `"decode|resize_small(36)|central_crop(32)"`) applied to every
     image. Returns the cache (`image` uint8 `[H, W, 3]`, `label`, `source_index`) and the build's report."""

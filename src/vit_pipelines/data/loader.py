@@ -101,15 +101,14 @@ class CachedImages(torch.utils.data.Dataset):
 def _image_chunks(cache: datasets.Dataset) -> tuple[list, np.ndarray]:
     """The `image` column per Arrow chunk: a `[rows, H, W, C]` uint8 view (pixels), or the binary array
     itself (encoded); and each chunk's first row."""
-    chunks = []
-    for chunk in cache.data.column("image").chunks:
-        if storage_mode(cache) == "encoded":
-            chunks.append(chunk)
-            continue
-        values = chunk.storage if isinstance(chunk, pa.ExtensionArray) else chunk
-        while not pa.types.is_integer(values.type):
-            values = values.flatten()
-        chunks.append(values.to_numpy(zero_copy_only=True).reshape(-1, *cache.features["image"].shape))
+    chunks = list(cache.data.column("image").chunks)
+    if storage_mode(cache) == "pixels":
+        shape = cache.features["image"].shape
+        for i, chunk in enumerate(chunks):
+            values = chunk.storage if isinstance(chunk, pa.ExtensionArray) else chunk
+            while not pa.types.is_integer(values.type):
+                values = values.flatten()
+            chunks[i] = values.to_numpy(zero_copy_only=True).reshape(-1, *shape)
     starts = np.cumsum([0] + [len(c) for c in chunks[:-1]])
     return chunks, starts
 
