@@ -1,9 +1,11 @@
 """End to end: `kedro run --env tiny --pipeline pretrain` in a fresh copy of the project, then a resume."""
 
+import io
 import json
 import os
 import shutil
 import subprocess
+import tarfile
 from pathlib import Path
 
 import PIL.Image
@@ -12,6 +14,7 @@ from conftest import copy_project, run_in
 
 from vit_pipelines.data import embedded
 from vit_pipelines.data.cache import open_shards, read_manifest
+from vit_pipelines.data.sources import load_image_dataset
 from vit_pipelines.training.checkpoint import load_model
 
 pytestmark = pytest.mark.slow
@@ -176,6 +179,45 @@ def test_tiny_vtab_runs_the_protocol_on_the_embedded_suite(project):
     assert results["mean"] == pytest.approx(sum(results["group_mean"].values()) / 3)  # one task per group
     with PIL.Image.open(out / "vtab_groups.png") as plot:
         assert plot.size[0] > 1000
+
+
+def test_tiny_data_stage_streams_webdataset_shards_into_the_same_cache(tmp_path):
+    """The tiny pretraining set as four tar shards behind a `file://` URL: de-dup and the cache see the same
+    rows as from the embedded set, read shard by shard, with no copy of the source."""
+    project = copy_project(tmp_path / "project")
+    data_stage = ("run", "--env", "tiny", "--pipeline", "pretrain", "--to-nodes", "report_pretrain_cache")
+    kedro(project, *data_stage)
+    out = project / "data" / "tiny"
+    embedded_cache = {
+        s: open_shards(out / "05_model_input" / "pretrain" / s).to_dict() for s in ("train", "minival")
+    }
+    embedded_matches = json.loads((out / "02_intermediate" / "dedup_matches.json").read_text())["matches"]
+
+    raw = load_image_dataset("embedded:pretrain", options={"num_images": 600}, cache_dir=tmp_path / "raw")
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for part in range(4):
+        with tarfile.open(shards / f"train-{part:06d}.tar", "w") as tar:
+            for row in range(150 * part, 150 * (part + 1)):
+                for name, data in (
+                    (f"{row:06d}.png", raw[row]["image"]["bytes"]),
+                    (f"{row:06d}.cls", str(raw[row]["label"]).encode()),
+                ):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    with (project / "conf" / "tiny" / "catalog.yml").open("a") as catalog:
+        catalog.write(f"""  source: "webdataset:file://{shards}/train-{{{{000000..000003}}}}.tar"\n""")
+    kedro(project, *data_stage)
+    matches = json.loads((out / "02_intermediate" / "dedup_matches.json").read_text())["matches"]
+    assert matches == embedded_matches and len(matches) >= 3
+    report = json.loads((out / "08_reporting" / "pretrain_preprocess_report.json").read_text())
+    assert report["images_in"] == 600 - len(matches) and not report["skipped"]
+    assert report["train"]["shards"] and len(list((out / "01_raw" / "index").glob("*.npy"))) == 4
+    for split, expected in embedded_cache.items():
+        cache = open_shards(out / "05_model_input" / "pretrain" / split).to_dict()
+        assert cache == expected, split  # the same pixels, labels and source rows
+    assert not list((out / "01_raw").glob("**/*.tar"))  # read where it lives, not copied in
 
 
 def test_an_unwritable_output_folder_fails_before_any_work(tmp_path):

@@ -13,23 +13,29 @@ from kedro.io import AbstractDataset, DataCatalog, DatasetError, MemoryDataset
 
 from vit_pipelines.data.cache import MANIFEST, ShardBuild, open_shards
 from vit_pipelines.data.sources import load_image_dataset
+from vit_pipelines.data.streaming import StreamedImages
 from vit_pipelines.models.vit import VisionTransformer
 from vit_pipelines.training.checkpoint import WEIGHTS, load_model, save_model
 from vit_pipelines.training.loop import process_state
 
 
-class ImageSourceDataset(AbstractDataset[None, datasets.Dataset]):
-    """Read-only: an image dataset from `source` (`embedded:…`, `parquet:…`, `arrow:…`, `imagefolder:…`,
-    `hub:…`), with columns renamed to `image` and `label`. The other catalog keys (`split`, `image_column`,
-    `label_column`, `limit`, `options`, `cache_dir`) are `vit_pipelines.data.sources.load_image_dataset`'s."""
+class ImageSourceDataset(AbstractDataset[None, datasets.Dataset | StreamedImages]):
+    """Read-only: an image dataset from `source` (`embedded:…`, `parquet:…`, `arrow:…`, `webdataset:…`,
+    `imagefolder:…`, `hub:…`), with columns renamed to `image` and `label`. The other catalog keys (`split`,
+    `image_column`, `label_column`, `limit`, `options`, `cache_dir`, `streaming`, `index_dir`) are
+    `vit_pipelines.data.sources.load_image_dataset`'s; with `streaming: true` the ranks share the index pass."""
 
     def __init__(self, source: str, metadata: dict[str, Any] | None = None, **options: Any) -> None:
         self._source = source
         self._options = options
         self.metadata = metadata
 
-    def load(self) -> datasets.Dataset:
-        return load_image_dataset(self._source, **self._options)
+    def load(self) -> datasets.Dataset | StreamedImages:
+        if not self._options.get("streaming"):
+            return load_image_dataset(self._source, **self._options)
+        state = process_state()
+        share = (state.process_index, state.num_processes, state.wait_for_everyone)
+        return load_image_dataset(self._source, **self._options, share=share)
 
     def save(self, data: datasets.Dataset) -> None:
         raise DatasetError(f"{self._source!r} is a read-only image source")

@@ -7,8 +7,8 @@ Two storage modes:
   would dominate the step.
 
 A cache folder holds `shard-00000.arrow, …` and `manifest.json` (storage mode, rows and bytes per shard, the
-build's report). Shard `i` holds rows `[i*R, (i+1)*R)` of the rows asked for, whoever writes it: any number of
-ranks and worker processes write the same files. An interrupted build keeps its finished shards and resumes.
+build's report). Shard `i` holds rows `[i*R, (i+1)*R)` of the rows asked for (cut also where a streamed
+source's parts end), whoever writes it: any number of ranks and worker processes write the same files. An interrupted build keeps its finished shards and resumes.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from datasets.arrow_writer import ArrowWriter
 from tqdm.auto import tqdm
 
 from vit_pipelines.data.ops import BadImageError, build_pp, open_image
+from vit_pipelines.data.streaming import StreamedImages
 
 STORAGE_MODES = ("encoded", "pixels")
 KEPT_FORMATS = ("JPEG", "PNG", "WEBP")  # stored as they came; anything else PIL reads is re-encoded as PNG
@@ -68,7 +69,7 @@ class ShardBuild:
     A node returns it; the catalog's `ImageShardsDataset` writes it on every rank (`write`), so the work is
     shared. `pp` is the fixed-size decode pp of the `pixels` mode."""
 
-    source: datasets.Dataset
+    source: datasets.Dataset | StreamedImages
     rows: np.ndarray
     storage: str = "encoded"
     pp: str | None = None
@@ -100,19 +101,26 @@ class ShardBuild:
                 image_bytes = int(np.mean([len(_raw_bytes(v)) for v in sample])) + 4
             row_bytes = image_bytes + 16  # label, source_index
             rows_per_shard = max(1, min(len(self.rows), self.shard_bytes // row_bytes))
+            starts = self._shard_starts(rows_per_shard)
             key = hashlib.sha1(
-                json.dumps(
-                    [self.source._fingerprint, self.storage, self.pp, rows_per_shard, shape],
-                    default=str,
-                ).encode()
+                json.dumps([_fingerprint(self.source), self.storage, self.pp, starts, shape]).encode()
                 + np.asarray(self.rows, np.int64).tobytes()
             ).hexdigest()[:16]
-            self._plan.update(rows_per_shard=rows_per_shard, shape=shape, key=key)
+            self._plan.update(starts=starts, shape=shape, key=key)
         return self._plan
+
+    def _shard_starts(self, rows_per_shard: int) -> list[int]:
+        """Where each shard starts in `rows`: every `rows_per_shard` rows, and for a streamed source at each of
+        its parts, so a shard reads one part; a part read front to back (tar) is never split."""
+        starts = np.arange(0, len(self.rows), rows_per_shard)
+        if isinstance(self.source, StreamedImages):
+            parts = np.searchsorted(self.rows, self.source.part_offsets[1:-1])
+            starts = np.union1d(starts, parts) if self.source.seekable else np.append(parts, 0)
+        return sorted({int(s) for s in starts if s < len(self.rows)})
 
     @property
     def num_shards(self) -> int:
-        return -(-len(self.rows) // self.plan["rows_per_shard"])
+        return len(self.plan["starts"])
 
     def features(self) -> datasets.Features:
         label = self.source.features["label"]
@@ -168,8 +176,8 @@ class ShardBuild:
     def write_shard(self, index: int, folder: Path, rank: int = 0) -> dict[str, Any]:
         """Shard `index`: its rows processed in order into `folder/shard-<index>.arrow`, with its statistics
         (`rank`: who wrote it, for the manifest)."""
-        start = index * self.plan["rows_per_shard"]
-        rows = self.rows[start : start + self.plan["rows_per_shard"]]
+        bounds = [*self.plan["starts"], len(self.rows)]
+        rows = self.rows[bounds[index] : bounds[index + 1]]
         op = build_pp(self.pp) if self.storage == "pixels" else None
         counts, formats, examples = Counter(), Counter(), {}
         started = time.perf_counter()
@@ -336,6 +344,10 @@ def _raw_bytes(value: Any) -> bytes:
     return value if isinstance(value, bytes | bytearray) else b""
 
 
+def _fingerprint(source: datasets.Dataset | StreamedImages) -> str:
+    return source.fingerprint if isinstance(source, StreamedImages) else source._fingerprint
+
+
 def _describe(row: int, value: Any) -> str:
     path = value.get("path") if isinstance(value, dict) else None
     return f"row {row}" + (f" ({path})" if path else "")
@@ -437,14 +449,15 @@ def split_rows(
 def split_minival(
     dataset: datasets.Dataset, fraction: float, seed: int = 0
 ) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """Hold out `fraction` of the rows (stratified by label where it is a ClassLabel) as minival."""
-    stratify = isinstance(dataset.features["label"], datasets.ClassLabel)
-    train, held = split_rows(label_array(dataset), fraction, seed, stratify)
+    """Hold out `fraction` of the rows, stratified by label, as minival."""
+    train, held = split_rows(label_array(dataset), fraction, seed)
     return dataset.select(train), dataset.select(held)
 
 
-def label_array(dataset: datasets.Dataset) -> np.ndarray:
+def label_array(dataset: datasets.Dataset | StreamedImages) -> np.ndarray:
     """The `label` column as int64, without reading the images."""
+    if isinstance(dataset, StreamedImages):
+        return dataset.labels()
     return np.asarray(dataset.select_columns(["label"]).with_format("numpy")[:]["label"], np.int64)
 
 

@@ -1,15 +1,19 @@
-"""Where image datasets come from: the embedded default, local parquet / arrow / imagefolder paths, or the Hub.
+"""Where image datasets come from: the embedded default, parquet / Arrow / webdataset shards at local paths or
+fsspec URLs (`s3://`, `gs://`, `hf://`, …), image folders, or the Hub.
 
 Every source becomes a Hugging Face `datasets.Dataset` with an `image` column (the `datasets.Image` feature,
-left undecoded so bad files surface in preprocessing rather than here) and an integer `label` column.
+left undecoded so bad files surface in preprocessing rather than here) and an integer `label` column; with
+`streaming=True`, parquet, webdataset and remote Arrow sources become a `StreamedImages` with the same columns,
+read shard by shard where they live (see `data.streaming`).
 
 | source                          | meaning                                                          |
 |---------------------------------|------------------------------------------------------------------|
 | `embedded:pretrain`             | the built-in pretraining set (built once, then kept as Arrow)    |
 | `embedded:<name>` + split       | a built-in downstream set (`digits`, …), split `train` / `test`  |
-| `parquet:<path or glob>`        | parquet file(s), e.g. a Hub dataset downloaded as parquet; a     |
-|                                 | `{split}` in the path is replaced by the split                   |
-| `arrow:<dir>`                   | a directory written by `Dataset.save_to_disk` / `DatasetDict…`   |
+| `parquet:<path, glob or URL>`   | parquet file(s), e.g. a Hub dataset's (`hf://datasets/<id>/…`);  |
+|                                 | a `{split}` in any location is replaced by the split             |
+| `arrow:<dir or URL>`            | a directory written by `Dataset.save_to_disk` / `DatasetDict…`   |
+| `webdataset:<tar URLs>`         | tar shards, `…/train-{000000..000999}.tar`: `<key>.jpg` + `.cls`  |
 | `imagefolder:<dir>`             | `<dir>/<split>/<class>/*.png` or `<dir>/<class>/*.jpg`           |
 | `hub:<id>[:<config>]`           | `datasets.load_dataset(id, config, split=split)` (needs network) |
 """
@@ -22,15 +26,18 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import datasets
 
 from vit_pipelines.data import embedded
+from vit_pipelines.data.streaming import StreamedImages, open_streamed, read_all
 
 log = logging.getLogger(__name__)
-KINDS = ("embedded", "parquet", "arrow", "imagefolder", "hub")
+KINDS = ("embedded", "parquet", "arrow", "webdataset", "imagefolder", "hub")
+STREAMED = ("parquet", "arrow", "webdataset")
 
 
 def load_image_dataset(
@@ -42,19 +49,32 @@ def load_image_dataset(
     limit: int | None = None,
     options: dict[str, Any] | None = None,
     cache_dir: str | Path = "data/01_raw/embedded",
-) -> datasets.Dataset:
+    streaming: bool = False,
+    index_dir: str | Path = "data/01_raw/index",
+    share: tuple[int, int, Callable[[], None]] = (0, 1, lambda: None),
+) -> datasets.Dataset | StreamedImages:
     """Load `source` (see the module table) as a Dataset with columns `image` and `label`.
 
     `limit` keeps the first `limit` rows (for smoke runs); `options` go to the embedded builders
-    (`num_images`, `image_size`, `seed`).
+    (`num_images`, `image_size`, `seed`). `streaming` leaves parquet, webdataset and remote Arrow sources
+    where they are (a `StreamedImages`; the others are memory-mapped already); without it they are read into
+    memory (small sets) or, local parquet, converted once by `datasets`. `share` is (rank, ranks, barrier):
+    the ranks share the index pass of tar and Arrow shards, kept in `index_dir`.
     """
     kind, sep, location = source.partition(":")
     if not sep or kind not in KINDS or not location:
         raise ValueError(f"source must be '<kind>:<location>' with kind in {KINDS}, got {source!r}")
+    location = location.replace("{split}", split) if split and "{split}" in location else location
+    # local Arrow folders are memory-mapped as they are; the rest of the shard formats stream
+    if kind in STREAMED and ("://" in location or kind == "webdataset" or (streaming and kind == "parquet")):
+        rank, world, barrier = share
+        columns = {"image_column": image_column, "label_column": label_column, "index_dir": index_dir}
+        stream = open_streamed(kind, location, **columns, rank=rank, world=world, barrier=barrier)
+        stream = stream.head(limit) if limit is not None else stream
+        return stream if streaming else read_all(stream)
     if kind == "embedded":
         ds = _load_embedded(location, split, options or {}, Path(cache_dir))
     elif kind == "parquet":
-        location = location.format(split=split) if "{split}" in location else location
         ds = datasets.load_dataset("parquet", data_files={"data": _existing(location)}, split="data")
     elif kind == "arrow":
         ds = datasets.load_from_disk(_existing(location))

@@ -23,6 +23,7 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from vit_pipelines.data.ops import BadImageError
+from vit_pipelines.data.streaming import StreamedImages
 from vit_pipelines.dedup.fingerprint import canonical
 from vit_pipelines.dedup.index import Queries, ReferenceIndex
 
@@ -67,7 +68,7 @@ class SearchResult:
 
 
 def find_near_duplicates(
-    queries: Sequence[Any] | datasets.Dataset,
+    queries: Sequence[Any] | datasets.Dataset | StreamedImages,
     references: Sequence[Any] | datasets.Dataset,
     threshold: float | None = None,
     *,
@@ -121,7 +122,7 @@ def join_references(
 
 
 def search(
-    queries: Sequence[Any] | datasets.Dataset,
+    queries: Sequence[Any] | datasets.Dataset | StreamedImages,
     index: ReferenceIndex,
     config: DedupConfig,
     progress: bool = True,
@@ -129,11 +130,12 @@ def search(
     """Stream `queries` through both stages, `config.batch_size` at a time on `config.num_proc` processes."""
     source = _ImageSource(queries, "queries")
     start = time.perf_counter()
-    spans = [(s, min(s + config.batch_size, len(source))) for s in range(0, len(source), config.batch_size)]
     matches: list[Match] = []
     skipped: Counter[str] = Counter()
     with tqdm(total=len(source), unit="img", desc="de-duplicating", disable=not progress) as bar:
-        for batch_matches, batch_skipped, size in _map_spans(spans, source, index, config):
+        for batch_matches, batch_skipped, size in _map_units(
+            _units(source, config.batch_size), source, index, config
+        ):
             matches += batch_matches
             skipped.update(batch_skipped)
             bar.update(size)
@@ -145,7 +147,7 @@ def search(
 class _ImageSource:
     """Uniform slicing over a sequence of images or a Dataset's `image` column (left undecoded)."""
 
-    def __init__(self, data: Sequence[Any] | datasets.Dataset, what: str) -> None:
+    def __init__(self, data: Sequence[Any] | datasets.Dataset | StreamedImages, what: str) -> None:
         if isinstance(data, datasets.Dataset):
             if "image" not in data.column_names:
                 raise ValueError(f"{what} has no 'image' column; its columns are {data.column_names}")
@@ -154,7 +156,9 @@ class _ImageSource:
                 data.features["image"], datasets.Image
             ):  # undecoded: a bad file must not raise here
                 data = data.cast_column("image", datasets.Image(decode=False))
-        elif isinstance(data, str | bytes | PIL.Image.Image) or not isinstance(data, Sequence):
+        elif isinstance(data, str | bytes | PIL.Image.Image) or not isinstance(
+            data, Sequence | StreamedImages
+        ):
             raise TypeError(
                 f"{what} must be a sequence of images or a datasets.Dataset, got {type(data).__name__}"
             )
@@ -164,9 +168,20 @@ class _ImageSource:
         return len(self.data)
 
     def batch(self, start: int, stop: int) -> list[Any]:
-        if isinstance(self.data, datasets.Dataset):
+        if isinstance(self.data, datasets.Dataset | StreamedImages):
             return self.data[start:stop]["image"]
         return list(self.data[start:stop])
+
+
+def _units(source: _ImageSource, batch_size: int) -> list[list[tuple[int, int]]]:
+    """Batches of queries as units of work: one batch each, or one streamed part's batches in order (a worker
+    then reads that part once, front to back)."""
+    bounds = source.data.part_offsets if isinstance(source.data, StreamedImages) else [0, len(source)]
+    units = []
+    for first, end in zip(bounds[:-1], bounds[1:], strict=True):
+        spans = [(int(s), int(min(s + batch_size, end))) for s in range(first, end, batch_size)]
+        units += [spans] if isinstance(source.data, StreamedImages) else [[span] for span in spans]
+    return units
 
 
 def _canonical_batch(values: list[Any]) -> tuple[np.ndarray, list[int], Counter[str]]:
@@ -207,20 +222,32 @@ def _start_worker(source: _ImageSource, index: ReferenceIndex, config: DedupConf
     _WORKER.update(source=source, index=index, config=config)
 
 
-def _worker_span(span: tuple[int, int]) -> tuple[list[Match], Counter[str], int]:
-    return _search_span(_WORKER["source"], _WORKER["index"], _WORKER["config"], span)
+def _search_unit(
+    source: _ImageSource, index: ReferenceIndex, config: DedupConfig, unit: list[tuple[int, int]]
+) -> tuple[list[Match], Counter[str], int]:
+    matches, skipped, size = [], Counter(), 0
+    for span in unit:
+        span_matches, span_skipped, span_size = _search_span(source, index, config, span)
+        matches += span_matches
+        skipped.update(span_skipped)
+        size += span_size
+    return matches, skipped, size
 
 
-def _map_spans(
-    spans: list[tuple[int, int]], source: _ImageSource, index: ReferenceIndex, config: DedupConfig
+def _worker_unit(unit: list[tuple[int, int]]) -> tuple[list[Match], Counter[str], int]:
+    return _search_unit(_WORKER["source"], _WORKER["index"], _WORKER["config"], unit)
+
+
+def _map_units(
+    units: list[list[tuple[int, int]]], source: _ImageSource, index: ReferenceIndex, config: DedupConfig
 ) -> Iterator[tuple[list[Match], Counter[str], int]]:
-    if config.num_proc <= 1 or len(spans) <= 1:
+    if config.num_proc <= 1 or len(units) <= 1:
         with threadpool_limits(1):
-            yield from (_search_span(source, index, config, span) for span in spans)
+            yield from (_search_unit(source, index, config, unit) for unit in units)
         return
     # fork: workers inherit the index and the memory-mapped dataset instead of pickling them
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     with ProcessPoolExecutor(
         config.num_proc, multiprocessing.get_context(method), _start_worker, (source, index, config)
     ) as pool:
-        yield from pool.map(_worker_span, spans)
+        yield from pool.map(_worker_unit, units)

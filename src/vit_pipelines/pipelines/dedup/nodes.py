@@ -108,12 +108,15 @@ def plot_duplicates(
     evenly spaced from the highest score to the lowest, so the most doubtful matches are in view too."""
     matches = sorted(duplicates["matches"], key=lambda m: -m["score"])
     picks = np.unique(np.linspace(0, len(matches) - 1, min(len(matches), params["pairs_shown"])).round())
+    shown = [matches[int(i)] for i in picks]
+    rows = sorted({m["pretrain_index"] for m in shown})  # in order: a streamed source reads each part once
+    pretrain_images = dict(zip(rows, pretrain[rows]["image"] if rows else [], strict=True))
     pairs = []
-    for m in (matches[int(i)] for i in picks):
+    for m in shown:
         test_image = open_image(test_sets[m["test_set"]][m["test_index"]]["image"])[0]
         mirrored = " mirrored" if m["mirrored"] else ""
         pairs.append((
-            open_image(pretrain[m["pretrain_index"]]["image"])[0],
+            open_image(pretrain_images[m["pretrain_index"]])[0],
             ImageOps.mirror(test_image) if m["mirrored"] else test_image,
             f"{m['pretrain_index']} ~ {m['test_set']}[{m['test_index']}]{mirrored} {m['score']:.3f}",
         ))  # fmt: skip

@@ -18,6 +18,7 @@ from vit_pipelines.data.cache import (
     resolve_num_proc,
     split_rows,
 )
+from vit_pipelines.data.streaming import StreamedImages
 from vit_pipelines.evaluation.classification import evaluate_accuracy, objective_accuracy
 from vit_pipelines.evaluation.fewshot import cache_fewshot_sets, fewshot_accuracies, pp_for_size
 from vit_pipelines.evaluation.plots import plot_curves
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 
 
 def prepare_cache(
-    raw: datasets.Dataset, duplicates: dict, params: dict[str, Any]
+    raw: datasets.Dataset | StreamedImages, duplicates: dict, params: dict[str, Any]
 ) -> tuple[ShardBuild, ShardBuild]:
     """The pretraining images minus the test-set duplicates, split into train and a stratified minival
     (`params["minival_fraction"]`), each to be written once as a `params["storage"]` cache (see data.cache):
@@ -38,9 +39,8 @@ def prepare_cache(
     keep = np.ones(len(raw), bool)
     keep[[m["pretrain_index"] for m in duplicates["matches"]]] = False
     kept = np.flatnonzero(keep)
-    stratify = isinstance(raw.features["label"], datasets.ClassLabel)
     train_rows, minival_rows = split_rows(
-        label_array(raw)[kept], params["minival_fraction"], params.get("seed", 0), stratify
+        label_array(raw)[kept], params["minival_fraction"], params.get("seed", 0)
     )
     options = {
         "storage": params.get("storage", "encoded"),
