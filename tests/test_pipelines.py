@@ -236,6 +236,24 @@ def test_an_unwritable_output_folder_fails_before_any_work(tmp_path):
     assert not (blocked / "data" / "tiny" / "02_intermediate").exists()  # not even de-duplication ran
 
 
+def test_bad_training_parameters_fail_before_any_work(tmp_path):
+    project = copy_project(tmp_path / "project")
+    for override, message in (
+        (
+            "pretrain.train.steps=0",
+            "pretrain.train: training parameter steps must be a whole number >= 1, got 0",
+        ),
+        ("pretrain.train.stpes=5", "pretrain.train: unknown training parameters ['stpes']"),
+    ):
+        result = subprocess.run(
+            ["kedro", "run", "--env", "tiny", "--pipeline", "pretrain", "--params", override], cwd=project,
+            capture_output=True, text=True, timeout=600, check=False,
+            env={**os.environ, "KEDRO_DISABLE_TELEMETRY": "1", "COLUMNS": "500"},
+        )  # fmt: skip
+        assert result.returncode != 0 and message in result.stdout + result.stderr, result.stderr[-2000:]
+        assert not (project / "data" / "tiny" / "02_intermediate").exists()  # not even de-duplication ran
+
+
 def test_tiny_analysis_draws_the_four_figures_through_the_catalog(project):
     # Runs after the pretrain test above.
     kedro(project, "run", "--env", "tiny", "--pipeline", "analysis")

@@ -1,5 +1,6 @@
 """The training loop: weight-decay groups, schedules, losses, gradient accumulation and exact resume."""
 
+import io
 import math
 import shutil
 import subprocess
@@ -9,14 +10,16 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 import torch.nn.functional as F
 
+from vit_pipelines.data.cache import ShardBuild, open_shards
 from vit_pipelines.models import VisionTransformer, ViTConfig
 from vit_pipelines.training import TrainConfig, train
 from vit_pipelines.training.checkpoint import latest_training_state, load_model, save_model
-from vit_pipelines.training.loop import NonFiniteLossError
+from vit_pipelines.training.loop import NonFiniteLossError, data_identity
 from vit_pipelines.training.losses import classification_loss
 from vit_pipelines.training.optim import build_optimizer, lr_multiplier, param_groups
 
@@ -220,6 +223,49 @@ def test_resume_after_a_kill_gives_the_same_weights(tmp_path):
     assert other.resumed_from_step == 0
 
 
+def test_a_run_on_other_data_of_the_same_size_starts_anew(tmp_path, caplog):
+    cache, run = tiny_cache(), config(steps=4, checkpoint_every=2)
+    assert train(tiny_model(), cache, run, checkpoint_dir=tmp_path).resumed_from_step == 0
+    relabelled = cache.map(lambda row: {"label": (row["label"] + 1) % 3})  # same count, other labels
+    with caplog.at_level("INFO", logger="vit_pipelines.training.loop"):
+        again = train(tiny_model(), relabelled, run, checkpoint_dir=tmp_path)
+    assert again.resumed_from_step == 0 and len(list(tmp_path.iterdir())) == 2
+    assert "the model, a training setting or the data differ" in caplog.text
+    assert train(tiny_model(), cache, run, checkpoint_dir=tmp_path).resumed_from_step == 4  # its own run
+
+
+def test_the_data_identity_of_an_image_cache_is_its_build(tmp_path):
+    pngs = []
+    for image in tiny_cache(40)["image"]:
+        buffer = io.BytesIO()
+        PIL.Image.fromarray(np.asarray(image, np.uint8)).save(buffer, format="PNG")
+        pngs.append(buffer.getvalue())
+    source = datasets.Dataset.from_dict({"image": pngs, "label": tiny_cache(40)["label"]})
+    rows = {"seed 0": np.arange(0, 36), "seed 1": np.arange(4, 40), "again": np.arange(0, 36)}
+    identities = {}
+    for name, picked in rows.items():
+        ShardBuild(source, picked, "encoded", shard_bytes=4096).write(tmp_path / name)
+        identities[name] = data_identity(open_shards(tmp_path / name))
+    assert identities["seed 0"] == identities["again"] != identities["seed 1"]  # same count, other images
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("steps", 0, "steps must be a whole number >= 1, got 0"),
+        ("steps", -5, "steps must be a whole number >= 1, got -5"),
+        ("batch_size", 0, "batch_size must be a whole number >= 1, got 0"),
+        ("warmup_steps", 7, r"warmup_steps must be in 0..steps \(6\), got 7"),
+        ("lr", 0.0, "lr must be > 0, got 0.0"),
+        ("steps", "10", "steps must be a whole number >= 1, got '10'"),
+        ("ema_decay", 1.0, r"ema_decay must be null or in \(0, 1\), got 1.0"),
+    ],
+)
+def test_training_parameters_out_of_range_are_refused_in_one_line(field, value, message):
+    with pytest.raises(ValueError, match=f"training parameter {message}"):
+        config(**{field: value})
+
+
 def test_checkpoint_keeps_only_the_newest(tmp_path):
     train(
         tiny_model(),
@@ -298,7 +344,8 @@ def test_ema_follows_the_polyak_recurrence():
         train(tiny_model(), cache, run, stop_after=t).model.state_dict() for t in (1, 2, 3)
     ]
     result = train(tiny_model(), cache, run)
-    assert result.ema_model is not None and train(tiny_model(), cache, config(steps=1)).ema_model is None
+    no_ema = train(tiny_model(), cache, config(steps=1, warmup_steps=0)).ema_model
+    assert result.ema_model is not None and no_ema is None
     ema = result.ema_model.state_dict()
     for name, theta3 in result.model.state_dict().items():
         expected = thetas[0][name]

@@ -1,4 +1,5 @@
-"""Kedro hooks: output folders checked before any work, and quiet non-main ranks under `accelerate launch`."""
+"""Kedro hooks: parameters and output folders checked before any work, and quiet non-main ranks under
+`accelerate launch`."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from kedro.framework.hooks import hook_impl
 from kedro.pipeline import Pipeline
 
 from vit_pipelines.training.checkpoint import writable_folder
-from vit_pipelines.training.loop import process_state
+from vit_pipelines.training.loop import TrainConfig, process_state
 
 
 class CheckOutputsWritable:
@@ -34,6 +35,34 @@ class CheckOutputsWritable:
                     f"cannot write {name!r} to {target}: {err}. Fix the folder, or point data_root elsewhere "
                     "(conf/local/globals.yml)"
                 ) from err
+
+
+def training_configs(group: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+    """The training parameters a parameter group's runs will use (`lr` and `steps` from grids filled in)."""
+    train = params.get("train")
+    if not isinstance(train, dict):
+        return []
+    if group == "finetune":
+        return [{**train, "lr": lr} for lr in params.get("lr_grid", [])]
+    if group == "vtab":
+        return [{**train, **setting} for setting in params.get("settings", [])]
+    return [train]
+
+
+class CheckParameters:
+    """Before the first node, every training setting the pipeline will use is built and range-checked, so
+    `steps: 0` or a typo'd key fails in seconds, not after de-duplication and preprocessing."""
+
+    @hook_impl
+    def before_pipeline_run(self, pipeline: Pipeline, catalog: Any) -> None:
+        for name in sorted(pipeline.inputs()):
+            group = name.removeprefix("params:")
+            if name.startswith("params:") and "." not in group and name in catalog:
+                for values in training_configs(group, catalog.load(name)):
+                    try:
+                        TrainConfig.from_params(values)
+                    except (TypeError, ValueError) as err:
+                        raise ValueError(f"{group}.train: {err}") from err
 
 
 class QuietNonMainRanks:

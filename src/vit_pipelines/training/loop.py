@@ -36,6 +36,7 @@ from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DataLoaderConfiguration, parse_flag_from_env
 from tqdm.auto import tqdm
 
+from vit_pipelines.data.cache import MANIFEST, read_manifest
 from vit_pipelines.data.loader import resolve_num_workers, train_loader
 from vit_pipelines.fields import check_known_fields
 from vit_pipelines.models.vit import VisionTransformer
@@ -86,6 +87,43 @@ class TrainConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     num_workers: int | str = 0  # loader worker processes per rank; "auto" sizes them from the cores
+
+    def __post_init__(self) -> None:
+        """Ranges, checked before any work: a bad value is one line, not a random-init model or a crash later."""
+        optional = lambda check: lambda v: v is None or check(v)  # noqa: E731
+        rules = {
+            "steps": (lambda v: isinstance(v, int) and v >= 1, "a whole number >= 1"),
+            "batch_size": (lambda v: isinstance(v, int) and v >= 1, "a whole number >= 1"),
+            "micro_batch_size": (
+                optional(lambda v: isinstance(v, int) and v >= 1),
+                "null or a whole number >= 1",
+            ),
+            "lr": (lambda v: v > 0, "> 0"),
+            "warmup_steps": (
+                lambda v: isinstance(v, int) and 0 <= v <= self.steps,
+                f"in 0..steps ({self.steps})",
+            ),
+            "weight_decay": (lambda v: v >= 0, ">= 0"),
+            "grad_clip": (optional(lambda v: v > 0), "null or > 0"),
+            "ema_decay": (optional(lambda v: 0 < v < 1), "null or in (0, 1)"),
+            "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
+            "end_lr_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+            "log_every": (lambda v: isinstance(v, int) and v >= 1, "a whole number >= 1"),
+            "eval_every": (
+                lambda v: isinstance(v, int) and v >= 0,
+                "a whole number >= 0 (0: at the end only)",
+            ),
+            "checkpoint_every": (lambda v: isinstance(v, int) and v >= 0, "a whole number >= 0 (0: none)"),
+            "keep_checkpoints": (lambda v: isinstance(v, int) and v >= 1, "a whole number >= 1"),
+        }
+        for name, (check, wanted) in rules.items():
+            value = getattr(self, name)
+            try:
+                ok = not isinstance(value, bool) and check(value)
+            except TypeError:  # a string or a list where a number belongs
+                ok = False
+            if not ok:
+                raise ValueError(f"training parameter {name} must be {wanted}, got {value!r}")
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> TrainConfig:
@@ -166,10 +204,18 @@ def make_accelerator(mixed_precision: str = "auto") -> Accelerator:
     )
 
 
+def data_identity(cache: datasets.Dataset) -> str:
+    """What a run trains on: the image cache's build key (its source, rows, storage and pp), or the Dataset's
+    content fingerprint where it is held in memory. Relabelled images or another split make another run."""
+    if cache.cache_files and (Path(cache.cache_files[0]["filename"]).parent / MANIFEST).exists():
+        return read_manifest(cache)["key"]
+    return cache._fingerprint
+
+
 def run_fingerprint(
     model: VisionTransformer, config: TrainConfig, num_examples: int, extra: Any = None
 ) -> str:
-    """Identifies "the same configuration" for resuming: model shape, training settings, data size."""
+    """Identifies "the same configuration" for resuming: model shape, training settings, data (`extra`)."""
     keep = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("log_every", "num_workers")}
     # runs that do not use a later field keep the fingerprint they had before it existed
     for name, default in (("ema_decay", None), ("objective", "classification"), ("drloc", None)):
@@ -222,7 +268,9 @@ def train(
 
     run_dir, start, history = None, 0, []
     if checkpoint_dir is not None:
-        run_dir = Path(checkpoint_dir) / run_fingerprint(model, config, len(train_cache))
+        run_dir = Path(checkpoint_dir) / run_fingerprint(
+            model, config, len(train_cache), data_identity(train_cache)
+        )
         if accelerator.is_main_process and config.checkpoint_every:
             needed = checkpoint_bytes(objective, optimizer, ema) * (config.keep_checkpoints + 1)
             check_checkpoint_folder(run_dir, needed)
@@ -231,6 +279,9 @@ def train(
             saved = load_training_state(latest, model, optimizer, ema, objective_state(objective))
             start, history = saved["step"], saved.get("history", [])
             log.info("resuming from %s (step %d of %d)", latest, start, config.steps)
+        elif others := sorted(p.name for p in Path(checkpoint_dir).glob("*") if p.is_dir() and p != run_dir):
+            why = "the model, a training setting or the data differ"
+            log.info("a new run %s beside %s: %s", run_dir.name, ", ".join(others), why)
 
     prepared, optimizer = accelerator.prepare(objective, optimizer)
     model = accelerator.unwrap_model(prepared).model  # on the device; evaluators and checkpoints use it
