@@ -130,3 +130,14 @@ def test_worker_processes_give_the_same_matches():
     one = search(pretrain, index, DedupConfig(batch_size=64), progress=False)
     two = search(pretrain, index, DedupConfig(batch_size=64, num_proc=2), progress=False)
     assert one.matches == two.matches and one.queries == two.queries == 300
+
+
+def test_ranks_search_disjoint_shares_that_together_give_one_process_matches():
+    pretrain = embedded.build_pretrain(num_images=301)
+    references = embedded.build_downstream("counting")["test"]
+    index, _ = build_index(references)
+    one = search(pretrain, index, DedupConfig(batch_size=64), progress=False)
+    shares = [search(pretrain, index, DedupConfig(batch_size=64), False, rank, 3) for rank in range(3)]
+    assert [s.queries for s in shares] == [100, 100, 101]  # at most ceil(1/N) of the queries each
+    assert sorted((m for s in shares for m in s.matches), key=lambda m: m.query) == one.matches
+    assert len(one.matches) > 0

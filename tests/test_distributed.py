@@ -1,9 +1,11 @@
 """Data parallelism through `accelerate launch`: two gloo ranks on CPU against one process, end to end: both
-ranks write their share of the image cache; training gives the weights of one process."""
+ranks search their share of the de-dup queries and write their share of the image cache; training gives the
+weights of one process."""
 
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import copy_project, run_in
@@ -42,9 +44,37 @@ def test_two_ranks_train_the_weights_of_one_process_and_write_the_same_files(tmp
     assert len(manifest["shards"]) > 2 and {s["rank"] for s in manifest["shards"]} == {0, 1}
     for shard in manifest["shards"]:
         assert (two / cache / shard["file"]).read_bytes() == (one / cache / shard["file"]).read_bytes()
+    # De-dup: each rank searched its half of the queries; together, the matches of one process.
+    found = [json.loads((p / "data/tiny/02_intermediate/dedup_matches.json").read_text()) for p in (one, two)]
+    assert found[1]["matches"] == found[0]["matches"] and found[1]["unreadable"] == found[0]["unreadable"]
+    reports = [json.loads((p / "data/tiny/08_reporting/dedup_report.json").read_text()) for p in (one, two)]
+    assert reports[0]["queries_per_rank"] == [600] and reports[1]["queries_per_rank"] == [300, 300]
+    # The final evaluation: each rank scored its share of each minival batch; together, one process's number.
+    metrics = [
+        json.loads((p / "data/tiny/08_reporting/pretrain_metrics.json").read_text()) for p in (one, two)
+    ]
+    assert metrics[1]["minival_accuracy"] == metrics[0]["minival_accuracy"]
+    assert metrics[1]["fewshot"] == metrics[0]["fewshot"]  # the probe's features: each rank extracted half
     # The logged loss and accuracy are reduced over both ranks' halves of each global batch.
     history = "data/tiny/07_model_output/pretrain_history.json"
     logs = [json.loads((p / history).read_text())["records"] for p in (one, two)]
     for a, b in zip(*logs, strict=True):
         if "loss" in a:
             assert b["loss"] == pytest.approx(a["loss"], rel=1e-4) and b["accuracy"] == a["accuracy"]
+
+
+def test_two_ranks_extract_half_of_the_features_each_and_both_get_all_of_them(tmp_path):
+    from distributed_features import model_and_images
+
+    from vit_pipelines.evaluation.features import extract_features
+
+    script = Path(__file__).with_name("distributed_features.py")
+    out = tmp_path / "features.npz"
+    launch = [a for a in LAUNCH_TWO_RANKS if a != "-m"]
+    run_in(tmp_path, *launch, str(script), str(out), env={"ACCELERATE_USE_CPU": "1"})
+    model, cache = model_and_images()
+    features, labels = extract_features(model, cache, "value_range(-1,1)", batch_size=16)
+    with np.load(out) as two:
+        assert two["per_rank"].tolist() == [50, 51]  # forward passes: each rank its contiguous half
+        assert np.array_equal(two["labels"], labels)
+        np.testing.assert_allclose(two["features"], features, atol=1e-5, rtol=1e-5)

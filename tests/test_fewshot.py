@@ -6,12 +6,15 @@ import torch
 from sklearn.linear_model import Ridge
 
 import vit_pipelines.evaluation.fewshot as fewshot
+from vit_pipelines.data import embedded
 from vit_pipelines.evaluation import fewshot_ridge
 from vit_pipelines.evaluation.fewshot import (
     BIAS_CONSTANT,
     RidgeSolver,
     _CertifiedArgmax,
+    cache_fewshot_sets,
     fewshot_grid,
+    fewshot_pool,
     mean_and_ci95,
     sample_shots,
     select_l2_reg,
@@ -183,3 +186,15 @@ def test_grid_reports_every_shot_count_with_seeds():
     assert results["5"]["mean"] >= results["1"]["mean"] - 0.05
     chosen = fewshot_grid((x_train, y_train), (x_test, y_test), shots=(5,), seeds=2, l2_grid=[1.0, 1024.0])
     assert all(lam in (1.0, 1024.0) for lam in chosen["5"]["l2_reg"])
+
+
+def test_the_pool_bounds_the_train_images_that_need_features():
+    labels = np.repeat(np.arange(4), [30, 12, 50, 7])
+    pool = fewshot_pool(labels, 10)
+    assert np.bincount(labels[pool]).tolist() == [10, 10, 10, 7]  # at most 10 per class, every class
+    assert (np.diff(pool) > 0).all() and np.array_equal(pool, fewshot_pool(labels, 10))  # seeded, ascending
+    assert np.array_equal(fewshot_pool(labels, None), np.arange(len(labels)))  # None: every row, as before
+    digits = embedded.build_downstream("digits", image_size=16)
+    sets = cache_fewshot_sets({"digits": (digits["train"], digits["test"])}, "decode", per_class=5)
+    train, test = sets["digits"]
+    assert len(train) == 5 * 10 and len(test) == len(digits["test"])  # 5 x classes forward passes for train

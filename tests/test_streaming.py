@@ -3,6 +3,7 @@
 
 import io
 import json
+import os
 import tarfile
 
 import datasets
@@ -114,8 +115,12 @@ def test_sequential_shards_are_indexed_once_shared_by_ranks_and_again_when_they_
     assert len(list(index.glob("*.npy"))) == 3
     first = open_streamed("webdataset", location, index_dir=index)
     rewritten = list(reversed(labels[14:28]))
-    with open(tmp_path / "src" / "train-000001.tar", "wb") as f:
+    changed = tmp_path / "src" / "train-000001.tar"
+    with open(changed, "wb") as f:
         write_tar(f, values[14:28], rewritten, 14)
+    os.utime(
+        changed, (changed.stat().st_atime, changed.stat().st_mtime + 60)
+    )  # the same size: a later mtime tells
     again = open_streamed("webdataset", location, index_dir=index)
     assert again.labels().tolist() == labels[:14] + rewritten + labels[28:]
     assert again.fingerprint != first.fingerprint and len(list(index.glob("*.npy"))) == 4
@@ -167,6 +172,11 @@ def test_dedup_over_a_stream_finds_what_it_finds_over_the_dataset(images, tmp_pa
         found[name] = [(m.query, m.reference, round(m.score, 6)) for m in result.matches]
     assert {q for q, _, _ in found["dataset"]} >= {5, 20, 33}
     assert found["stream"] == found["dataset"] == found["stream, 2 workers"]
+    # two ranks: rank r takes source shards r, r + 2, … and reads each once
+    shares = [search(stream, index, DedupConfig(batch_size=8), False, rank, 2) for rank in (0, 1)]
+    assert [s.queries for s in shares] == [14 + 12, 14]
+    joined = sorted((m for s in shares for m in s.matches), key=lambda m: m.query)
+    assert [(m.query, m.reference, round(m.score, 6)) for m in joined] == found["dataset"]
 
 
 def test_bad_sources_fail_in_one_line_naming_the_shard(images, tmp_path):

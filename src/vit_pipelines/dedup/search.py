@@ -126,21 +126,25 @@ def search(
     index: ReferenceIndex,
     config: DedupConfig,
     progress: bool = True,
+    rank: int = 0,
+    world: int = 1,
 ) -> SearchResult:
-    """Stream `queries` through both stages, `config.batch_size` at a time on `config.num_proc` processes."""
+    """Stream `queries` through both stages, `config.batch_size` at a time on `config.num_proc` processes.
+    With `world` > 1 only this rank's share of the queries (see `_units`); the shares' matches together are
+    the matches of one process."""
     source = _ImageSource(queries, "queries")
     start = time.perf_counter()
+    units = _units(source, config.batch_size, rank, world)
+    total = sum(stop - first for unit in units for first, stop in unit)
     matches: list[Match] = []
     skipped: Counter[str] = Counter()
-    with tqdm(total=len(source), unit="img", desc="de-duplicating", disable=not progress) as bar:
-        for batch_matches, batch_skipped, size in _map_units(
-            _units(source, config.batch_size), source, index, config
-        ):
+    with tqdm(total=total, unit="img", desc="de-duplicating", disable=not progress) as bar:
+        for batch_matches, batch_skipped, size in _map_units(units, source, index, config):
             matches += batch_matches
             skipped.update(batch_skipped)
             bar.update(size)
     matches.sort(key=lambda m: m.query)
-    return SearchResult(matches, len(source), dict(skipped), time.perf_counter() - start)
+    return SearchResult(matches, total, dict(skipped), time.perf_counter() - start)
 
 
 # --------------------------------------------------------------------------------------- batches and workers
@@ -173,12 +177,19 @@ class _ImageSource:
         return list(self.data[start:stop])
 
 
-def _units(source: _ImageSource, batch_size: int) -> list[list[tuple[int, int]]]:
-    """Batches of queries as units of work: one batch each, or one streamed part's batches in order (a worker
-    then reads that part once, front to back)."""
-    bounds = source.data.part_offsets if isinstance(source.data, StreamedImages) else [0, len(source)]
+def _units(
+    source: _ImageSource, batch_size: int, rank: int = 0, world: int = 1
+) -> list[list[tuple[int, int]]]:
+    """Rank `rank`'s batches of queries as units of work. In memory: the rank's contiguous `1/world` of the
+    rows, one batch per unit. Streamed: the parts `rank, rank + world, …`, one part's batches per unit (a worker
+    reads the part once, front to back)."""
+    if isinstance(source.data, StreamedImages):
+        bounds = source.data.part_offsets
+        shares = [(bounds[i], bounds[i + 1]) for i in range(rank, len(bounds) - 1, world)]
+    else:
+        shares = [(rank * len(source) // world, (rank + 1) * len(source) // world)]
     units = []
-    for first, end in zip(bounds[:-1], bounds[1:], strict=True):
+    for first, end in shares:
         spans = [(int(s), int(min(s + batch_size, end))) for s in range(first, end, batch_size)]
         units += [spans] if isinstance(source.data, StreamedImages) else [[span] for span in spans]
     return units

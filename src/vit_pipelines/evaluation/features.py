@@ -1,4 +1,7 @@
-"""Frozen representations (`pre_logits`) of a cached image set, kept on disk per (weights, data, pp)."""
+"""Frozen representations (`pre_logits`) of a cached image set, kept on disk per (weights, data, pp).
+
+Under `accelerate launch` every rank extracts its contiguous share of the rows on its own device, and all
+ranks receive every share, in order: the features of one process, for 1/N of the forward passes each."""
 
 from __future__ import annotations
 
@@ -10,11 +13,12 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from vit_pipelines.data.loader import content_fingerprint, eval_batches
 from vit_pipelines.models.vit import VisionTransformer
-from vit_pipelines.training.loop import resolve_mixed_precision
+from vit_pipelines.training.loop import process_state, resolve_mixed_precision
 
 log = logging.getLogger(__name__)
 
@@ -23,20 +27,30 @@ log = logging.getLogger(__name__)
 def extract_features(
     model: VisionTransformer, cache: datasets.Dataset, pp: str, batch_size: int = 256, desc: str = "features"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """`pre_logits` `[N, D or rep]` float32 and labels `[N]` for every row of `cache`, in order."""
+    """`pre_logits` `[N, D or rep]` float32 and labels `[N]` for every row of `cache`, in order; each rank
+    computes its share (collective: every rank must call it)."""
+    state = process_state()
+    rank, world = state.process_index, state.num_processes
+    share = cache.select(range(rank * len(cache) // world, (rank + 1) * len(cache) // world))
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     bf16 = resolve_mixed_precision("auto") == "bf16"
-    features, labels = [], []
-    batches = eval_batches(cache, pp, batch_size, device)
-    for batch in tqdm(batches, desc=desc, total=-(-len(cache) // batch_size), leave=False):
+    features = [np.empty((0, model.head.in_features), np.float32)]  # a rank with no rows
+    labels = [np.empty(0, np.int64)]
+    batches = eval_batches(share, pp, batch_size, device) if len(share) else iter(())
+    bar = tqdm(batches, desc=desc, total=-(-len(share) // batch_size), leave=False, disable=rank != 0)
+    for batch in bar:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             out = model.forward_features(batch["images"], tokens=False)["pre_logits"]
         features.append(out.float().cpu().numpy())
-        labels.append(batch["labels"].cpu().numpy())
+        labels.append(batch["labels"].cpu().numpy().astype(np.int64))
     model.train(was_training)
-    return np.concatenate(features), np.concatenate(labels)
+    mine = (np.concatenate(features), np.concatenate(labels))
+    if world == 1:
+        return mine
+    shares = gather_object([mine])  # rank order: the rows in order
+    return np.concatenate([f for f, _ in shares]), np.concatenate([y for _, y in shares])
 
 
 def weights_fingerprint(model: VisionTransformer) -> str:
@@ -59,7 +73,7 @@ def cached_features(
     """`extract_features`, stored as `folder/<name>-<key>.npz` with key = hash(weights, pp, rows) and reused."""
     key = hashlib.sha1(f"{weights_fingerprint(model)}|{pp}|{content_fingerprint(cache)}".encode()).hexdigest()
     path = Path(folder) / f"{name}-{key[:16]}.npz"
-    if path.exists():
+    if all(gather_object([path.exists()])):  # every rank must take the same branch: extraction is collective
         with np.load(path, allow_pickle=False) as stored:
             return stored["features"], stored["labels"]
     features, labels = extract_features(model, cache, pp, batch_size, desc=name)

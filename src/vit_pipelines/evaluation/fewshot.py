@@ -28,7 +28,7 @@ import numpy as np
 import scipy.stats
 import torch
 
-from vit_pipelines.data.cache import cache_images
+from vit_pipelines.data.cache import cache_images, label_array
 from vit_pipelines.evaluation.features import extract_features
 from vit_pipelines.models.vit import VisionTransformer
 
@@ -252,6 +252,18 @@ def sample_shots(labels: np.ndarray, shots: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(picked))
 
 
+def fewshot_pool(labels: np.ndarray, per_class: int | None, seed: int = 0) -> np.ndarray:
+    """The train rows few-shot subsets are drawn from, ascending: per class the first `per_class` of a seeded
+    shuffle (big_vision draws from a fixed `train[:N]`), or every row where None. Only these need features:
+    at most `per_class` x classes forward passes, however large the train split."""
+    if per_class is None:
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    return np.sort(
+        np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in np.unique(labels)])
+    )
+
+
 def mean_and_ci95(values: Sequence[float]) -> tuple[float, float]:
     """Mean and the half-width of its 95% Student-t confidence interval (0 for a single value)."""
     values = np.asarray(values, dtype=np.float64)
@@ -292,11 +304,14 @@ def pp_for_size(template: str, size: tuple[int, int]) -> str:
 
 
 def cache_fewshot_sets(
-    raw: dict[str, tuple[datasets.Dataset, datasets.Dataset]], pp_cache: str
+    raw: dict[str, tuple[datasets.Dataset, datasets.Dataset]], pp_cache: str, per_class: int | None = None
 ) -> dict[str, tuple[datasets.Dataset, datasets.Dataset]]:
-    """Decode and resize each downstream (train, test) pair once."""
+    """Decode and resize each downstream (train pool, test) pair once; the pool is `fewshot_pool`'s."""
     return {
-        name: (cache_images(train, pp_cache)[0], cache_images(test, pp_cache)[0])
+        name: (
+            cache_images(train.select(fewshot_pool(label_array(train), per_class)), pp_cache)[0],
+            cache_images(test, pp_cache)[0],
+        )
         for name, (train, test) in raw.items()
     }
 

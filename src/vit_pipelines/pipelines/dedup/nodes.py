@@ -7,18 +7,22 @@ The downstream test sets arrive as keyword arguments named after the downstream 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import asdict
 from typing import Any
 
 import datasets
 import matplotlib.pyplot as plt
 import numpy as np
+from accelerate.utils import gather_object
 from PIL import ImageOps
 
 from vit_pipelines.data import embedded
+from vit_pipelines.data.cache import resolve_num_proc
 from vit_pipelines.data.ops import open_image
 from vit_pipelines.dedup import DedupConfig, build_index, join_references, search
 from vit_pipelines.dedup.plots import plot_pairs
+from vit_pipelines.training.loop import process_state
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +32,16 @@ def find_duplicates(
 ) -> dict:
     """Every pretraining image that is a near-duplicate of a test image, with its best match over all sets:
     `{"pretrain_images", "test_images": {set: n}, "matches": [{"pretrain_index", "test_set", "test_index",
-    "score", "colour", "mirrored"}], "unreadable": {"pretrain"|"test": {reason: n}}, "seconds"}`."""
+    "score", "colour", "mirrored"}], "unreadable": {"pretrain"|"test": {reason: n}}, "queries_per_rank",
+    "seconds"}`. Under `accelerate launch` each rank searches its share of the pretraining images."""
     images, owners = join_references(test_sets)
     index, unreadable_tests = build_index(images)
-    result = search(pretrain, index, DedupConfig.from_params(params), progress=True)
-    matches = [
+    state = process_state()
+    config = DedupConfig.from_params(
+        {**params, "num_proc": resolve_num_proc(params.get("num_proc", "auto"), state.num_processes)}
+    )
+    result = search(pretrain, index, config, True, state.process_index, state.num_processes)
+    mine = [
         {
             "pretrain_index": m.query,
             "test_set": owners[m.reference][0],
@@ -43,14 +52,20 @@ def find_duplicates(
         }
         for m in result.matches
     ]
+    # every rank searched its share: all ranks get every share's matches, as one process would have found them
+    matches = sorted(gather_object(mine), key=lambda m: m["pretrain_index"])
+    shares = gather_object([[result.queries, dict(result.skipped), result.seconds]])
+    seconds = max(share[2] for share in shares)
+    skipped = dict(sum((Counter(share[1]) for share in shares), Counter()))
     log.info("%d of %d pretraining images are near-duplicates of test images (%.1f s, %.0f images/s)",
-             len(matches), len(pretrain), result.seconds, len(pretrain) / result.seconds)  # fmt: skip
+             len(matches), len(pretrain), seconds, len(pretrain) / seconds)  # fmt: skip
     return {
         "pretrain_images": len(pretrain),
         "test_images": {name: len(ds) for name, ds in test_sets.items()},
         "matches": matches,
-        "unreadable": {"pretrain": result.skipped, "test": unreadable_tests},
-        "seconds": round(result.seconds, 2),
+        "unreadable": {"pretrain": skipped, "test": unreadable_tests},
+        "queries_per_rank": [share[0] for share in shares],
+        "seconds": round(seconds, 2),
     }
 
 
@@ -76,6 +91,7 @@ def report_duplicates(pretrain: datasets.Dataset, duplicates: dict, params: dict
         },
         "unreadable": duplicates["unreadable"],
         "config": asdict(DedupConfig.from_params(params)),
+        "queries_per_rank": duplicates.get("queries_per_rank", [duplicates["pretrain_images"]]),
         "seconds": duplicates["seconds"],
         "images_per_second": round(duplicates["pretrain_images"] / max(duplicates["seconds"], 1e-9), 1),
     }

@@ -8,12 +8,13 @@ from typing import Any
 import datasets
 import matplotlib.pyplot as plt
 
-from vit_pipelines.data.cache import cache_images
+from vit_pipelines.data.cache import cache_images, label_array
 from vit_pipelines.evaluation.features import cached_features
-from vit_pipelines.evaluation.fewshot import fewshot_grid, pp_for_size
+from vit_pipelines.evaluation.fewshot import fewshot_grid, fewshot_pool, pp_for_size
 from vit_pipelines.evaluation.plots import plot_fewshot
 from vit_pipelines.models import VisionTransformer
 from vit_pipelines.pipelines.downstream import start_model
+from vit_pipelines.training.loop import process_state
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,8 @@ def evaluate_dataset(
     """Few-shot accuracy of `model` and of a randomly initialised model of the same shape (the baseline)."""
     size = model.config.image_size
     pp_cache = pp_for_size(params["pp_cache"], size)
-    train_cache, train_report = cache_images(train_raw, pp_cache)
+    pool = fewshot_pool(label_array(train_raw), params.get("max_train_per_class"))
+    train_cache, train_report = cache_images(train_raw.select(pool), pp_cache)
     test_cache, test_report = cache_images(test_raw, pp_cache)
     models = {
         "pretrained": model,
@@ -41,7 +43,9 @@ def evaluate_dataset(
         "test_images": len(test_cache),
         "skipped_images": train_report["skipped"] | test_report["skipped"],
     }
+    device = process_state().device  # each rank's accelerator, where it has one
     for kind, net in models.items():
+        net = net.to(device)
         train = cached_features(net, train_cache, params["pp"], params["features_dir"], f"{kind}-train")
         test = cached_features(net, test_cache, params["pp"], params["features_dir"], f"{kind}-test")
         results["num_classes"] = int(max(train[1].max(), test[1].max())) + 1

@@ -23,7 +23,7 @@ from vit_pipelines.evaluation.classification import evaluate_accuracy, objective
 from vit_pipelines.evaluation.fewshot import cache_fewshot_sets, fewshot_accuracies, pp_for_size
 from vit_pipelines.evaluation.plots import plot_curves
 from vit_pipelines.models import VisionTransformer, ViTConfig
-from vit_pipelines.training.loop import TrainConfig, process_state, train
+from vit_pipelines.training.loop import TrainConfig, make_accelerator, process_state, train
 from vit_pipelines.training.losses import SIGMOID_HEAD_BIAS
 from vit_pipelines.training.objectives import MASKED_PATCH_CLASSES
 
@@ -114,7 +114,9 @@ def pretrain(
     names = sorted({key.rsplit("_", 1)[0] for key in downstream}) if probe.get("enabled") else []
     pp_cache = pp_for_size(probe.get("pp_cache", ""), model.config.image_size)
     sets = cache_fewshot_sets(
-        {n: (downstream[f"{n}_train"], downstream[f"{n}_test"]) for n in names}, pp_cache
+        {n: (downstream[f"{n}_train"], downstream[f"{n}_test"]) for n in names},
+        pp_cache,
+        probe.get("max_train_per_class"),
     )
 
     def minival_accuracy(model: VisionTransformer, accelerator: Any) -> dict[str, float]:
@@ -147,11 +149,15 @@ def evaluate(
     """Final minival accuracy beside the run's facts, and the training curves. For masked patch prediction
     the accuracy is the colour accuracy measured at the last step (it needs the objective's [mask] token)."""
     records = history["records"]
-    objective = TrainConfig.from_params(params["train"]).objective
+    config = TrainConfig.from_params(params["train"])
+    objective = config.objective
     if objective == "masked_patch":
         accuracy = next(r["minival_accuracy"] for r in reversed(records) if "minival_accuracy" in r)
-    else:
-        accuracy = evaluate_accuracy(model, minival, params["eval"]["pp"], params["eval"]["batch_size"])
+    else:  # on each rank's device in the training precision, every rank a share of each batch
+        accelerator = make_accelerator(config.mixed_precision)
+        model = model.to(accelerator.device)
+        pp, batch_size = params["eval"]["pp"], params["eval"]["batch_size"]
+        accuracy = evaluate_accuracy(model, minival, pp, batch_size, accelerator)
     train_logs = [r for r in records if "loss" in r]
     metrics = {
         "objective": objective,
