@@ -1,10 +1,14 @@
 """Bad input gives one clear error that says what to change, before any long work starts."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
+from kedro.io import DatasetError
+from kedro_datasets.json import JSONDataset
 
+import vit_pipelines.kedro_io as kedro_io
 from vit_pipelines.data.sources import load_image_dataset
 from vit_pipelines.evaluation.vtab import Task
 from vit_pipelines.models import VisionTransformer, ViTConfig, load_pretrained
@@ -50,3 +54,18 @@ def test_misspelt_settings_name_the_keys_that_exist():
         ViTConfig.from_dict({**ViTConfig.from_variant("Ti/4", image_size=16).to_dict(), "widht": 8})
     with pytest.raises(ValueError, match=r"unknown keys of VTAB task 'x' \['flips'\]; known: \[.*'flip'"):
         Task.from_params("x", {"group": "natural", "source": "embedded:digits", "flips": False})
+
+
+def test_a_rank_that_cannot_see_rank_0s_files_says_so(tmp_path, monkeypatch):
+    rank_1 = SimpleNamespace(
+        num_processes=2, process_index=1, is_main_process=False, wait_for_everyone=lambda: None
+    )
+    monkeypatch.setattr(kedro_io, "process_state", lambda: rank_1)
+    catalog = kedro_io.RankAwareCatalog({"matches": JSONDataset(filepath=str(tmp_path / "matches.json"))})
+    with pytest.raises(
+        DatasetError, match=r"rank 1 cannot see 'matches' \(.*matches\.json.*\), which rank 0 wrote"
+    ):
+        catalog.save("matches", {"n": 1})  # rank 0's file is not on this node's disk
+    (tmp_path / "matches.json").write_text(json.dumps({"n": 1}))  # now it is (shared storage)
+    catalog.save("matches", {"n": 1})
+    assert catalog.load("matches") == {"n": 1}

@@ -110,6 +110,11 @@ class RankAwareCatalog(DataCatalog):
         if state.is_main_process or isinstance(dataset, MemoryDataset) or _saves_on_every_rank(dataset):
             super().save(ds_name, data)
         state.wait_for_everyone()
+        if not state.is_main_process and not isinstance(dataset, MemoryDataset) and not dataset.exists():
+            raise DatasetError(
+                f"rank {state.process_index} cannot see {ds_name!r} ({dataset._describe()}), which rank 0 "
+                "wrote: put the data folder (data_root) on storage that every node mounts"
+            )
         return None
 
 
