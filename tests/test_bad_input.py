@@ -1,6 +1,12 @@
 """Bad input gives one clear error that says what to change, before any long work starts."""
 
 import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -11,7 +17,9 @@ from kedro_datasets.json import JSONDataset
 import vit_pipelines.kedro_io as kedro_io
 from vit_pipelines.data.sources import load_image_dataset
 from vit_pipelines.evaluation.vtab import Task
+from vit_pipelines.locks import FolderLockedError, RunLock
 from vit_pipelines.models import VisionTransformer, ViTConfig, load_pretrained
+from vit_pipelines.models.fused_cpu import build_folder, wait_for_build_lock
 from vit_pipelines.training.checkpoint import save_model
 
 
@@ -69,3 +77,44 @@ def test_a_rank_that_cannot_see_rank_0s_files_says_so(tmp_path, monkeypatch):
     (tmp_path / "matches.json").write_text(json.dumps({"n": 1}))  # now it is (shared storage)
     catalog.save("matches", {"n": 1})
     assert catalog.load("matches") == {"n": 1}
+
+
+def test_one_run_per_data_folder_and_stale_locks_are_taken_over(tmp_path, caplog):
+    with RunLock(tmp_path) as first:
+        holder = json.loads(first.path.read_text())
+        assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
+        with pytest.raises(
+            FolderLockedError, match=rf"another run is writing into .*: pid {os.getpid()} on "
+        ):
+            RunLock(tmp_path).acquire()
+    assert not (tmp_path / ".run.lock").exists()  # released
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    (tmp_path / ".run.lock").write_text(
+        json.dumps({**holder, "pid": int(gone.stdout)})
+    )  # killed: its PID is free
+    with RunLock(tmp_path), caplog.at_level("WARNING"):
+        pass
+    assert "removing a stale lock" in caplog.text and not (tmp_path / ".run.lock").exists()
+
+
+def test_a_kernel_build_lock_left_by_a_killed_build_is_named_not_waited_on(tmp_path, monkeypatch):
+    monkeypatch.setenv("VIT_KERNELS_DIR", str(tmp_path / "kernels"))
+    folder = build_folder()
+    assert (
+        folder.parent == tmp_path / "kernels" and folder.name == build_folder().name
+    )  # one per source and torch
+    lock = folder / "lock"
+    lock.touch()
+    os.utime(lock, (time.time() - 3600,) * 2)  # a build killed an hour ago
+    started = time.perf_counter()
+    with pytest.raises(
+        TimeoutError, match=rf"kernel build lock {lock} is 3\d\d\d s old, left by a killed build"
+    ):
+        wait_for_build_lock(folder)
+    assert time.perf_counter() - started < 5
+    lock.touch()  # a build in progress elsewhere: waited for until it ends
+    threading.Timer(0.5, lock.unlink).start()
+    wait_for_build_lock(folder, poll=0.1)
+    assert not lock.exists()

@@ -4,6 +4,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import subprocess
 import tarfile
 from pathlib import Path
@@ -252,6 +253,31 @@ def test_bad_training_parameters_fail_before_any_work(tmp_path):
         )  # fmt: skip
         assert result.returncode != 0 and message in result.stdout + result.stderr, result.stderr[-2000:]
         assert not (project / "data" / "tiny" / "02_intermediate").exists()  # not even de-duplication ran
+
+
+def test_a_second_run_into_the_same_data_folder_is_refused_naming_the_first(tmp_path):
+    project = copy_project(tmp_path / "project")
+    with subprocess.Popen(["sleep", "120"]) as first:  # a live process holding the tiny data folder's lock
+        folder = project / "data" / "tiny"
+        folder.mkdir(parents=True)
+        holder = {"pid": first.pid, "host": socket.gethostname(), "started": "now", "command": "kedro run"}
+        (folder / ".run.lock").write_text(json.dumps(holder))
+        result = subprocess.run(
+            ["kedro", "run", "--env", "tiny", "--pipeline", "dedup"], cwd=project, capture_output=True, text=True,
+            timeout=600, check=False, env={**os.environ, "KEDRO_DISABLE_TELEMETRY": "1", "COLUMNS": "500"},
+        )  # fmt: skip
+        first.kill()
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and f"another run is writing into {folder}: pid {first.pid}" in output, (
+        output[-2000:]
+    )
+    assert not (folder / "02_intermediate").exists()
+    kedro(
+        project, "run", "--env", "tiny", "--pipeline", "dedup"
+    )  # that run gone: its stale lock is taken over
+    assert (folder / "02_intermediate" / "dedup_matches.json").exists() and not (
+        folder / ".run.lock"
+    ).exists()
 
 
 def test_tiny_analysis_draws_the_four_figures_through_the_catalog(project):

@@ -1,5 +1,5 @@
-"""Kedro hooks: parameters and output folders checked before any work, and quiet non-main ranks under
-`accelerate launch`."""
+"""Kedro hooks: parameters and output folders checked before any work, one run per data folder, and quiet
+non-main ranks under `accelerate launch`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 from kedro.framework.hooks import hook_impl
 from kedro.pipeline import Pipeline
 
+from vit_pipelines.locks import RunLock
 from vit_pipelines.training.checkpoint import writable_folder
 from vit_pipelines.training.loop import TrainConfig, process_state
 
@@ -63,6 +64,39 @@ class CheckParameters:
                         TrainConfig.from_params(values)
                     except (TypeError, ValueError) as err:
                         raise ValueError(f"{group}.train: {err}") from err
+
+
+class OneRunPerDataFolder:
+    """The main process of a `kedro run` holds `<data_root>/.run.lock` from the first node to the end (see
+    `vit_pipelines.locks`): a second run into the same folder is refused with the first one named."""
+
+    def __init__(self) -> None:
+        self.lock: RunLock | None = None
+        self.folder: Path | None = None
+
+    @hook_impl
+    def after_context_created(self, context: Any) -> None:
+        root = context.config_loader["globals"].get("data_root", "data")
+        self.folder = Path(context.project_path) / root
+
+    @hook_impl
+    def before_pipeline_run(self) -> None:
+        if self.folder is not None and process_state().is_main_process:
+            self.lock = RunLock(self.folder)
+            self.lock.acquire()
+
+    @hook_impl
+    def after_pipeline_run(self) -> None:
+        self._release()
+
+    @hook_impl
+    def on_pipeline_error(self) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
 
 class QuietNonMainRanks:

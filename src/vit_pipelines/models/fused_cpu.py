@@ -14,15 +14,18 @@ in bfloat16, parameter gradients in float32. The GELU's derivative is computed i
 GELU, and kept in bfloat16 like the activations; the backward pass then only multiplies by it.
 
 The kernels are compiled on first use with torch's C++ extension builder (a C++ compiler that knows AMX, i.e.
-GCC ≥ 11 or Clang ≥ 12, and about a minute, then cached under `~/.cache/torch_extensions`). Where they cannot be
-built or do not apply (no AVX-512, a GPU, float32 training, dropout, attention maps asked for, `torch.compile`
+GCC ≥ 11 or Clang ≥ 12, and about a minute), then cached in a folder of their own per source, flags and torch
+version under `~/.cache/vit-pipelines/kernels` (`VIT_KERNELS_DIR`). A build lock left by a killed build is
+reported by name after `BUILD_LOCK_SECONDS`, never waited on forever. Where they cannot be built or do not apply (no AVX-512, a GPU, float32 training, dropout, attention maps asked for, `torch.compile`
 tracing) the model runs its plain modules; `VIT_FUSED_CPU=0` forces that.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import time
 import weakref
 from pathlib import Path
 from types import ModuleType
@@ -36,6 +39,7 @@ _FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512d
 _FLAGS += ["-mamx-tile", "-mamx-bf16", "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
 if torch.cpu._is_avx512_bf16_supported():  # one-instruction float32 → bfloat16 rounding
     _FLAGS.append("-mavx512bf16")
+BUILD_LOCK_SECONDS = 600  # a build takes about a minute; a lock older than this was left by a killed build
 _kernels: ModuleType | None = None
 _tried = False
 _amx = False  # whether the kernels' own products use the AMX tiles (else AVX-512 vdpbf16ps or FMAs)
@@ -54,13 +58,47 @@ def kernels() -> ModuleType | None:
             try:
                 from torch.utils import cpp_extension
 
-                _kernels = cpp_extension.load(
-                    "vit_pipelines_fused_cpu", [str(_SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"]
-                )
+                folder = build_folder()
+                wait_for_build_lock(folder)
+                flags = {
+                    "extra_cflags": _FLAGS,
+                    "extra_ldflags": ["-fopenmp"],
+                    "build_directory": str(folder),
+                }
+                _kernels = cpp_extension.load("vit_pipelines_fused_cpu", [str(_SOURCE)], **flags)
                 _amx = _kernels.amx_ready()
-            except Exception as error:  # no compiler, headers or ninja: the plain modules still work
+            except (
+                Exception
+            ) as error:  # no compiler or ninja, a stale build lock: the plain modules still work
                 log.warning("fused CPU kernels unavailable (%s); using the plain modules", error)
     return _kernels
+
+
+def build_folder() -> Path:
+    """This source's, flags' and torch's own build folder: clones and torch versions never rebuild each other's."""
+    key = hashlib.sha1(
+        "|".join([str(_SOURCE), _SOURCE.read_text(), *_FLAGS, torch.__version__]).encode()
+    ).hexdigest()[:16]
+    root = Path(os.environ.get("VIT_KERNELS_DIR", Path.home() / ".cache" / "vit-pipelines" / "kernels"))
+    folder = root / key
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def wait_for_build_lock(folder: Path, stale_after: float = BUILD_LOCK_SECONDS, poll: float = 1.0) -> None:
+    """Wait while another process builds in `folder` (torch's `lock` file); raise naming the lock once it is
+    older than `stale_after` seconds, as a killed build leaves it (torch itself would wait forever)."""
+    lock = folder / "lock"
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if age > stale_after:
+            raise TimeoutError(
+                f"the kernel build lock {lock} is {age:.0f} s old, left by a killed build: delete it"
+            )
+        time.sleep(poll)
 
 
 def applies(block: torch.nn.Module, x: torch.Tensor) -> bool:
