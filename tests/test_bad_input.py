@@ -2,11 +2,13 @@
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -17,6 +19,7 @@ from kedro_datasets.json import JSONDataset
 import vit_pipelines.kedro_io as kedro_io
 from vit_pipelines.data.sources import load_image_dataset
 from vit_pipelines.evaluation.vtab import Task
+from vit_pipelines.hooks import base_parameters, check_known_keys
 from vit_pipelines.locks import FolderLockedError, RunLock
 from vit_pipelines.models import VisionTransformer, ViTConfig, load_pretrained
 from vit_pipelines.models.fused_cpu import build_folder, wait_for_build_lock
@@ -118,3 +121,18 @@ def test_a_kernel_build_lock_left_by_a_killed_build_is_named_not_waited_on(tmp_p
     threading.Timer(0.5, lock.unlink).start()
     wait_for_build_lock(folder, poll=0.1)
     assert not lock.exists()
+
+
+def test_misspelt_nested_parameters_are_refused_with_the_keys_that_exist():
+    known = base_parameters(Path(__file__).resolve().parents[1] / "conf")
+    check_known_keys(known, known, "")  # the base configuration itself
+    fine = {"pretrain": {"model": {"width": 32, "num_heads": 2}}, "vtab": {"tasks": {"my_task": {}}}}
+    check_known_keys(fine, known, "")  # model fields and new VTAB tasks are the user's to add
+    for params, wrong in (
+        ({"pretrain": {"trian": {"steps": 5}}}, "pretrain.trian"),
+        ({"pretrain": {"data": {"minival_fractoin": 0.1}}}, "pretrain.data.minival_fractoin"),
+        ({"finetune": {"train": {"stpes": 3}}}, "finetune.train.stpes"),
+        ({"pretrian": {}}, "pretrian"),
+    ):
+        with pytest.raises(ValueError, match=rf"unknown parameters \['{re.escape(wrong)}'\]; known here: \["):
+            check_known_keys(params, known, "")

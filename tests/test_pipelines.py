@@ -244,7 +244,8 @@ def test_bad_training_parameters_fail_before_any_work(tmp_path):
             "pretrain.train.steps=0",
             "pretrain.train: training parameter steps must be a whole number >= 1, got 0",
         ),
-        ("pretrain.train.stpes=5", "pretrain.train: unknown training parameters ['stpes']"),
+        ("pretrain.train.stpes=5", "unknown parameters ['pretrain.train.stpes']; known here: ["),
+        ("pretrain.data.minival_fractoin=0.2", "unknown parameters ['pretrain.data.minival_fractoin']"),
     ):
         result = subprocess.run(
             ["kedro", "run", "--env", "tiny", "--pipeline", "pretrain", "--params", override], cwd=project,

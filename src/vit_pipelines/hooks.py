@@ -3,16 +3,20 @@ non-main ranks under `accelerate launch`."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
 
+import yaml
 from kedro.framework.hooks import hook_impl
 from kedro.pipeline import Pipeline
 
 from vit_pipelines.locks import RunLock
+from vit_pipelines.models.config import ViTConfig
 from vit_pipelines.training.checkpoint import writable_folder
 from vit_pipelines.training.loop import TrainConfig, process_state
+from vit_pipelines.training.objectives import DRLocConfig
 
 
 class CheckOutputsWritable:
@@ -38,6 +42,45 @@ class CheckOutputsWritable:
                 ) from err
 
 
+OPEN_GROUPS = ("tasks",)  # registries users extend with their own names (vtab.tasks)
+FIELD_GROUPS = {  # groups whose keys are a dataclass's fields (the base files set only some of them)
+    "model": {f.name for f in dataclasses.fields(ViTConfig)} | {"variant"},
+    "train": {f.name for f in dataclasses.fields(TrainConfig)},
+    "drloc": {f.name for f in dataclasses.fields(DRLocConfig)},
+}
+
+
+def check_known_keys(values: Any, known: Any, path: str) -> None:
+    """Every key of the dict `values` must exist in `known` (the base configuration's), at every depth, or be a
+    field of the dataclass its group stands for: a typo such as `pretrain.trian` or `data.minival_fractoin`
+    is an error listing the keys that exist, not a setting silently ignored."""
+    name = path.rstrip(".").rsplit(".", 1)[-1]
+    if not isinstance(values, dict) or not isinstance(known, dict) or name in OPEN_GROUPS:
+        return
+    allowed = set(known) | FIELD_GROUPS.get(name, set())
+    unknown = sorted(set(values) - allowed)
+    if unknown:
+        raise ValueError(f"unknown parameters {[path + k for k in unknown]}; known here: {sorted(allowed)}")
+    for key, value in values.items():
+        check_known_keys(value, known.get(key), f"{path}{key}.")
+
+
+def base_parameters(conf_source: str | Path, base_env: str = "base") -> dict[str, Any]:
+    """The keys and values of `<conf>/<base_env>/parameters*.yml`, merged (interpolations left as text)."""
+    merged: dict[str, Any] = {}
+    for path in sorted(Path(conf_source, base_env).glob("parameters*.yml")):
+        _merge(merged, yaml.safe_load(path.read_text()) or {})
+    return merged
+
+
+def _merge(into: dict[str, Any], new: dict[str, Any]) -> None:
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
 def training_configs(group: str, params: dict[str, Any]) -> list[dict[str, Any]]:
     """The training parameters a parameter group's runs will use (`lr` and `steps` from grids filled in)."""
     train = params.get("train")
@@ -51,11 +94,22 @@ def training_configs(group: str, params: dict[str, Any]) -> list[dict[str, Any]]
 
 
 class CheckParameters:
-    """Before the first node, every training setting the pipeline will use is built and range-checked, so
-    `steps: 0` or a typo'd key fails in seconds, not after de-duplication and preprocessing."""
+    """Before the first node, every parameter key must be one the base configuration knows (at any depth),
+    and every training setting the pipeline will use is built and range-checked, so `steps: 0` or a typo'd key
+    fails in seconds, not after de-duplication and preprocessing."""
+
+    def __init__(self) -> None:
+        self.known: dict[str, Any] | None = None
+
+    @hook_impl
+    def after_context_created(self, context: Any) -> None:
+        loader = context.config_loader
+        self.known = base_parameters(loader.conf_source, getattr(loader, "base_env", None) or "base")
 
     @hook_impl
     def before_pipeline_run(self, pipeline: Pipeline, catalog: Any) -> None:
+        if self.known and "parameters" in catalog:
+            check_known_keys(catalog.load("parameters"), self.known, "")
         for name in sorted(pipeline.inputs()):
             group = name.removeprefix("params:")
             if name.startswith("params:") and "." not in group and name in catalog:
