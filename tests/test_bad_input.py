@@ -11,12 +11,15 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import datasets
+import numpy as np
 import pytest
 import torch
 from kedro.io import DatasetError
 from kedro_datasets.json import JSONDataset
 
 import vit_pipelines.kedro_io as kedro_io
+from vit_pipelines.data.cache import classes_of
 from vit_pipelines.data.sources import load_image_dataset
 from vit_pipelines.evaluation.vtab import Task
 from vit_pipelines.hooks import base_parameters, check_known_keys
@@ -136,3 +139,43 @@ def test_misspelt_nested_parameters_are_refused_with_the_keys_that_exist():
     ):
         with pytest.raises(ValueError, match=rf"unknown parameters \['{re.escape(wrong)}'\]; known here: \["):
             check_known_keys(params, known, "")
+
+
+def test_labels_that_are_not_class_ids_are_named_and_class_names_become_ids(tmp_path):
+    assert classes_of(np.array([0, 2, 1, 2])) == 3 and classes_of(np.array([0, 2])) == 3
+    stray = (
+        r"4 distinct values \(0, 1, 2, 999\) would make a 1000-class head, mostly unused: map them to 0..3"
+    )
+    with pytest.raises(ValueError, match=stray):
+        classes_of(np.array([0, 1, 2, 1, 999]))
+    with pytest.raises(ValueError, match="labels must be class ids >= 0, found -1"):
+        classes_of(np.array([-1, 0, 1]))
+    images = [{"bytes": b"x", "path": None}] * 3
+    names = datasets.Dataset.from_dict({"image": images, "label": ["dog", "cat", "dog"]})
+    names.to_parquet(tmp_path / "pets.parquet")
+    pets = load_image_dataset(f"parquet:{tmp_path}/pets.parquet")
+    assert pets.features["label"].names == ["cat", "dog"] and pets["label"] == [1, 0, 1]
+    with pytest.raises(
+        ValueError, match=r"pets\.parquet: label column 'label' holds string; streamed sources need"
+    ):
+        load_image_dataset(f"parquet:{tmp_path}/pets.parquet", streaming=True)
+
+
+def test_damaged_checkpoints_are_named(tmp_path):
+    model = VisionTransformer(
+        ViTConfig(image_size=8, patch_size=4, width=16, depth=1, num_heads=2, mlp_dim=32)
+    )
+    save_model(model, tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(
+        ValueError, match=rf"cannot read {re.escape(str(weights))}: .*truncated or not a safetensors"
+    ):
+        load_pretrained(tmp_path)
+    save_model(model, tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=rf"{re.escape(str(tmp_path / 'config.json'))} is not valid JSON"):
+        load_pretrained(tmp_path)
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no config\.json beside the weights in"):
+        load_pretrained(tmp_path)

@@ -461,9 +461,28 @@ def label_array(dataset: datasets.Dataset | StreamedImages) -> np.ndarray:
     return np.asarray(dataset.select_columns(["label"]).with_format("numpy")[:]["label"], np.int64)
 
 
-def num_classes(dataset: datasets.Dataset) -> int:
-    """Classes from the ClassLabel feature, else 1 + the largest label."""
+def num_classes(dataset: datasets.Dataset | StreamedImages) -> int:
+    """Classes from the ClassLabel feature, else `classes_of` the labels."""
     feature = dataset.features["label"]
     if isinstance(feature, datasets.ClassLabel):
         return feature.num_classes
-    return int(label_array(dataset).max()) + 1
+    return classes_of(label_array(dataset))
+
+
+def classes_of(labels: np.ndarray) -> int:
+    """1 + the largest of integer labels, once they look like class ids 0..K-1: a stray 999 among 0-2 would
+    silently make a 1,000-class head, mostly unused."""
+    distinct = np.unique(labels)
+    if len(distinct) == 0:
+        raise ValueError("no labels")
+    if distinct[0] < 0:
+        raise ValueError(f"labels must be class ids >= 0, found {int(distinct[0])}")
+    top = int(distinct[-1]) + 1
+    if top > 2 * len(distinct):
+        values = [str(int(v)) for v in distinct]
+        shown = ", ".join(values if len(values) <= 6 else [*values[:5], "…", values[-1]])
+        raise ValueError(
+            f"labels are not class ids 0..K-1: {len(distinct)} distinct values ({shown}) "
+            f"would make a {top}-class head, mostly unused: map them to 0..{len(distinct) - 1}"
+        )
+    return top

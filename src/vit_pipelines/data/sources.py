@@ -114,6 +114,8 @@ def _standardise_columns(
             raise ValueError(f"{source!r} has no column {column!r}; its columns are {ds.column_names}")
     ds = ds.select_columns([image_column, label_column])
     ds = ds.rename_columns({c: n for c, n in ((image_column, "image"), (label_column, "label")) if c != n})
+    if getattr(ds.features["label"], "dtype", None) in ("string", "large_string"):
+        ds = ds.class_encode_column("label")  # class names: ids in sorted name order, the names kept
     if not isinstance(ds.features["image"], datasets.Image):
         ds = ds.cast_column("image", datasets.Image())
     return ds.cast_column("image", datasets.Image(decode=False))

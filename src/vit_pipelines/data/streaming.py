@@ -348,7 +348,14 @@ def _label_feature(part: Part) -> Any:
         if column not in schema.names:
             raise ValueError(f"{part.url} has no column {column!r}; its columns are {schema.names}")
     feature = datasets.Features.from_arrow_schema(schema)[part.label_column]
-    return feature if isinstance(feature, datasets.ClassLabel) else datasets.Value("int64")
+    if isinstance(feature, datasets.ClassLabel):
+        return feature
+    if not pa.types.is_integer(schema.field(part.label_column).type):
+        raise ValueError(
+            f"{part.url}: label column {part.label_column!r} holds {schema.field(part.label_column).type}; "
+            "streamed sources need integer class ids (or a ClassLabel)"
+        )
+    return datasets.Value("int64")
 
 
 def read_all(source: StreamedImages) -> datasets.Dataset:

@@ -214,12 +214,21 @@ def _read_folder(folder: Path) -> tuple[dict[str, Any], Tensors]:
     weights = [folder / name for name in (WEIGHTS, HF_PICKLE_WEIGHTS) if (folder / name).exists()]
     if not weights:
         raise FileNotFoundError(f"no {WEIGHTS} or {HF_PICKLE_WEIGHTS} in {folder}")
-    return json.loads((folder / CONFIG).read_text()), _read_file(weights[0])
+    try:
+        config = json.loads((folder / CONFIG).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no {CONFIG} beside the weights in {folder}") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{folder / CONFIG} is not valid JSON: {err}") from err
+    return config, _read_file(weights[0])
 
 
 def _read_file(path: Path) -> Tensors:
     if path.suffix == ".safetensors":
-        return load_file(path)
+        try:
+            return load_file(path)
+        except Exception as err:  # safetensors' own error type for truncated or foreign files
+            raise ValueError(f"cannot read {path}: {err} (truncated or not a safetensors file?)") from err
     if path.suffix == ".npz":
         with np.load(path, allow_pickle=False) as arrays:
             return _as_tensors(arrays)

@@ -12,6 +12,7 @@ import numpy as np
 
 from vit_pipelines.data.cache import (
     ShardBuild,
+    classes_of,
     label_array,
     num_classes,
     read_manifest,
@@ -39,9 +40,10 @@ def prepare_cache(
     keep = np.ones(len(raw), bool)
     keep[[m["pretrain_index"] for m in duplicates["matches"]]] = False
     kept = np.flatnonzero(keep)
-    train_rows, minival_rows = split_rows(
-        label_array(raw)[kept], params["minival_fraction"], params.get("seed", 0)
-    )
+    labels = label_array(raw)[kept]
+    if not isinstance(raw.features["label"], datasets.ClassLabel):
+        classes_of(labels)  # stray labels stop here, before the cache is written
+    train_rows, minival_rows = split_rows(labels, params["minival_fraction"], params.get("seed", 0))
     options = {
         "storage": params.get("storage", "encoded"),
         "pp": params.get("pp_cache"),
