@@ -179,3 +179,35 @@ def test_damaged_checkpoints_are_named(tmp_path):
     (tmp_path / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"no config\.json beside the weights in"):
         load_pretrained(tmp_path)
+
+
+def test_worker_pools_end_with_a_killed_run():
+    # the pattern of the de-dup and cache pools: workers started with `die_with_parent`, the parent then killed
+    parent = subprocess.Popen(
+        [sys.executable, "-c", (
+            "import concurrent.futures as cf, multiprocessing as mp, time\n"
+            "from vit_pipelines.workers import die_with_parent\n"
+            "pool = cf.ProcessPoolExecutor(2, mp.get_context('fork'), die_with_parent)\n"
+            "futures = [pool.submit(time.sleep, 60) for _ in range(2)]\n"
+            "time.sleep(1)\n"
+            "print(*[p.pid for p in pool._processes.values()], flush=True)\n"
+            "time.sleep(60)\n"
+        )],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    workers = [int(pid) for pid in parent.stdout.readline().split()]
+    assert len(workers) == 2
+    parent.kill()
+    parent.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and any(_running(pid) for pid in workers):
+        time.sleep(0.1)
+    assert not any(_running(pid) for pid in workers)
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"  # a zombie has ended; only its parent's exit status is left

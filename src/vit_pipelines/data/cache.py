@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from vit_pipelines.data.ops import BadImageError, build_pp, open_image
 from vit_pipelines.data.streaming import StreamedImages
+from vit_pipelines.workers import die_with_parent
 
 STORAGE_MODES = ("encoded", "pixels")
 KEPT_FORMATS = ("JPEG", "PNG", "WEBP")  # stored as they came; anything else PIL reads is re-encoded as PNG
@@ -278,6 +279,7 @@ _BUILD: dict[str, Any] = {}  # each worker's ShardBuild and folder, set once by 
 
 
 def _start_worker(build: ShardBuild, folder: Path, rank: int) -> None:
+    die_with_parent()
     # a forked child must not enter the parent's OpenMP pool (it hangs); the processes give the parallelism
     torch.set_num_threads(1)
     _BUILD.update(build=build, folder=folder, rank=rank)

@@ -26,6 +26,7 @@ from vit_pipelines.data.ops import BadImageError
 from vit_pipelines.data.streaming import StreamedImages
 from vit_pipelines.dedup.fingerprint import canonical
 from vit_pipelines.dedup.index import Queries, ReferenceIndex
+from vit_pipelines.workers import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +230,7 @@ _WORKER: dict[str, Any] = {}  # each worker's source, index and config, set once
 
 
 def _start_worker(source: _ImageSource, index: ReferenceIndex, config: DedupConfig) -> None:
+    die_with_parent()
     threadpool_limits(1)  # small matrix products run slower with BLAS threads; processes give the parallelism
     _WORKER.update(source=source, index=index, config=config)
 
