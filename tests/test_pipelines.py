@@ -1,17 +1,16 @@
 """End to end: `kedro run --env tiny --pipeline pretrain` in a fresh copy of the project, then a resume."""
 
-import io
 import json
 import os
 import shutil
 import socket
 import subprocess
-import tarfile
 from pathlib import Path
 
 import PIL.Image
 import pytest
 from conftest import copy_project, run_in
+from test_streaming import write_tar
 
 from vit_pipelines.data import embedded
 from vit_pipelines.data.cache import open_shards, read_manifest
@@ -198,15 +197,9 @@ def test_tiny_data_stage_streams_webdataset_shards_into_the_same_cache(tmp_path)
     shards = tmp_path / "shards"
     shards.mkdir()
     for part in range(4):
-        with tarfile.open(shards / f"train-{part:06d}.tar", "w") as tar:
-            for row in range(150 * part, 150 * (part + 1)):
-                for name, data in (
-                    (f"{row:06d}.png", raw[row]["image"]["bytes"]),
-                    (f"{row:06d}.cls", str(raw[row]["label"]).encode()),
-                ):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
+        rows = raw[150 * part : 150 * (part + 1)]
+        with open(shards / f"train-{part:06d}.tar", "wb") as f:
+            write_tar(f, [image["bytes"] for image in rows["image"]], rows["label"], 150 * part)
     with (project / "conf" / "tiny" / "catalog.yml").open("a") as catalog:
         catalog.write(f"""  source: "webdataset:file://{shards}/train-{{{{000000..000003}}}}.tar"\n""")
     kedro(project, *data_stage)
