@@ -40,7 +40,7 @@ FLIP_SIGNS = np.where(_U % 2 == 1, -1.0, 1.0)[_KEEP].astype(np.float32)
 
 def canonical(value: Any) -> np.ndarray:
     """Bytes, an HF `{"bytes", "path"}` dict, a path or a PIL image → float32 [3, CANONICAL, CANONICAL]:
-    luminance 0..255, Cb and Cr centred on 0. Raises `BadImageError` ("empty", "corrupt", "too_small")."""
+    luminance 0..255, Cb and Cr centred on 0. Raises `BadImageError` ("empty", "corrupt", "too_large", "too_small")."""
     image = _decode(value)
     if min(image.size) < MIN_SIDE:
         raise BadImageError("too_small", f"{image.size[0]}x{image.size[1]}")
@@ -77,6 +77,8 @@ def _decode(value: Any) -> PIL.Image.Image:
         image = PIL.Image.open(io.BytesIO(value) if isinstance(value, bytes | bytearray) else value)
         image.draft("RGB", (2 * CANONICAL, 2 * CANONICAL))
         image.load()
+    except PIL.Image.DecompressionBombError as err:
+        raise BadImageError("too_large", str(err)) from err
     except Exception as err:  # PIL raises many kinds on truncated or foreign data
         raise BadImageError("corrupt", str(err)) from err
     return image

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -46,6 +47,7 @@ MIN_CHROMA = 4.0  # RMS chroma (levels) below which a query is grey and its colo
 _SEARCH_STEPS = ((0.02, 0.04), (0.01, 0.02), (0.005, 0.01))  # stage 2: (shift, scale) step of each round
 _CENTRAL: Span = (0.5, CENTRAL)
 _CENTRAL_BOX = np.array([0.5, 0.5, CENTRAL, CENTRAL], np.float32)
+IVF_FROM = 10_000  # references from which `stage1: auto` searches an inverted-file index
 
 
 @dataclass(frozen=True)
@@ -89,47 +91,174 @@ class Queries:
         )
 
 
-class ReferenceIndex:
-    """Both stages' data for the reference images (about 60 KB each): `candidates`, then `verify`."""
+class CandidateSearch:
+    """Stage 1's nearest-neighbour search over the references' upright box descriptors [R, 27, 63]; a query
+    is compared in both orientations, so mirrored copies need no second set of descriptors.
 
-    def __init__(self, canonical: np.ndarray, ids: np.ndarray | None = None) -> None:
-        """canonical: [R, 3, C, C] float32 (`fingerprint.canonical`); ids: [R] what matches report for each
-        reference (default: its position)."""
+    `exact`: every descriptor, float16 (3.4 KB per reference), compared in chunks of float32 products.
+    `ivf`: a faiss inverted-file index of float16 codes (3.7 KB per reference with ids) over about
+    2 sqrt(vectors) lists, `nprobe` of which are scanned per query: the cost grows with the square root.
+    """
+
+    def __init__(self, descriptors: np.ndarray, kind: str = "auto", nprobe: int = 32) -> None:
+        if kind not in ("auto", "exact", "ivf"):
+            raise ValueError(f"stage1 must be auto, exact or ivf, got {kind!r}")
+        if kind == "auto":
+            kind = "ivf" if len(descriptors) >= IVF_FROM else "exact"
+        self.kind, self.references, self.nprobe = kind, len(descriptors), nprobe
+        vectors = np.ascontiguousarray(descriptors.reshape(-1, descriptors.shape[-1]), dtype=np.float16)
+        self.vectors = vectors if kind == "exact" else None
+        self.ivf = _ivf_index(vectors) if kind == "ivf" else None
+
+    @property
+    def bytes_per_reference(self) -> float:
+        if self.ivf is None:
+            return self.vectors.nbytes / self.references
+        return self.ivf.ntotal * (self.ivf.code_size + 8) / self.references  # codes and 64-bit ids
+
+    def best(self, queries: np.ndarray, threshold: float, limit: int, chunk: int = 1 << 22) -> list[tuple]:
+        """(query, similarity, reference, box, flip) of up to `limit` references per query whose best cosine
+        over boxes and orientations reaches `threshold`, best first per query."""
+        both = np.concatenate([queries, queries * FLIP_SIGNS]).astype(np.float32)  # [2B, 63]
+        if self.ivf is None:
+            found = self._exact(both, threshold, chunk)
+        else:
+            found = self._ivf(both, threshold, limit)
+        found.sort(key=lambda f: (f[0], -f[1]))
+        return [
+            hit
+            for _, group in itertools.groupby(found, key=lambda f: f[0])
+            for hit in itertools.islice(group, limit)
+        ]
+
+    def _exact(self, both: np.ndarray, threshold: float, chunk: int) -> list[tuple]:
+        queries, boxes = len(both) // 2, len(STAGE1_BOXES)
+        refs_per_chunk = max(1, chunk // (2 * boxes * max(1, len(both))))
+        found = []
+        for start in range(0, self.references, refs_per_chunk):
+            block = self.vectors[start * boxes : (start + refs_per_chunk) * boxes].astype(np.float32)
+            sims = (both @ block.T).reshape(2, queries, -1, boxes)  # [flip, B, refs, box]
+            sims = sims.transpose(1, 2, 3, 0).reshape(queries, -1, 2 * boxes)  # row = box * 2 + flip
+            best_row, best = sims.argmax(axis=2), sims.max(axis=2)
+            for q, r in zip(*np.nonzero(best >= threshold), strict=True):
+                box, flip = divmod(int(best_row[q, r]), 2)
+                found.append((int(q), float(best[q, r]), start + int(r), box, bool(flip)))
+        return found
+
+    def _ivf(self, both: np.ndarray, threshold: float, limit: int) -> list[tuple]:
+        """Each reference has at most 27 vectors per orientation, so the best `27 * limit` vectors of each
+        orientation hold the `limit` best references."""
+
+        queries, boxes = len(both) // 2, len(STAGE1_BOXES)
+        self.ivf.nprobe = self.nprobe
+        k = min(boxes * limit, self.ivf.ntotal)
+        sims, rows = self.ivf.search(_padded(both), k)
+        best: dict[tuple[int, int], tuple] = {}
+        for i, j in zip(*np.nonzero((sims >= threshold) & (rows >= 0)), strict=True):
+            q, flip = i % queries, i >= queries
+            reference, box = divmod(int(rows[i, j]), boxes)
+            if sims[i, j] > best.get((q, reference), (0, -2.0))[1]:
+                best[q, reference] = (int(q), float(sims[i, j]), reference, box, bool(flip))
+        return list(best.values())
+
+    def __getstate__(self) -> dict:
+        import faiss
+
+        state = dict(self.__dict__)
+        if self.ivf is not None:  # spawned workers receive the index serialised
+            state["ivf"] = faiss.serialize_index(self.ivf)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        import faiss
+
+        if state["ivf"] is not None:
+            state["ivf"] = faiss.deserialize_index(state["ivf"])
+        self.__dict__.update(state)
+
+
+def _padded(vectors: np.ndarray) -> np.ndarray:
+    """[N, 63] → float32 [N, 64]: a zero column, which leaves inner products alone, makes faiss's
+    float16 codes take its vectorised path."""
+    return np.pad(vectors.astype(np.float32), ((0, 0), (0, 64 - vectors.shape[1])))
+
+
+def _ivf_index(vectors: np.ndarray) -> Any:
+    import faiss
+
+    lists = int(min(2 * np.sqrt(len(vectors)), len(vectors) // 40, 1 << 16))  # k-means wants 40 points a list
+    index = faiss.IndexIVFScalarQuantizer(
+        faiss.IndexFlatIP(64), 64, lists, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT
+    )
+    rng = np.random.default_rng(0)
+    sample = vectors[np.sort(rng.choice(len(vectors), min(len(vectors), 64 * lists), replace=False))]
+    index.train(_padded(sample))
+    for start in range(0, len(vectors), 1 << 18):
+        index.add(_padded(vectors[start : start + (1 << 18)]))
+    return index
+
+
+def reference_descriptors(canonical: np.ndarray) -> np.ndarray:
+    """[R, 3, C, C] canonical squares → float16 [R, 27, 63] descriptors of the upright `STAGE1_BOXES`; all
+    zero for a blank reference, which then matches nothing."""
+    luma = canonical[:, 0].astype(np.float32)
+    whole = detail_views(luma, [(0.5, 1.0)], [(0.5, 1.0)], DETAIL_GRID, DETAIL_SIGMAS)[:, 0, 0]
+    blank = ~_detail_patterns(whole).any(1)
+    descriptors = dct_descriptors(luma, STAGE1_BOXES)
+    descriptors[blank] = 0.0
+    return descriptors.astype(np.float16)
+
+
+def to_uint8(canonical: np.ndarray) -> np.ndarray:
+    """Canonical squares (luminance 0..255, chroma centred on 0, all whole numbers) stored losslessly in
+    uint8: a quarter of float32's memory."""
+    planes = canonical.copy()
+    planes[..., 1:, :, :] += 128.0
+    return planes.astype(np.uint8)
+
+
+class ReferenceIndex:
+    """The references' stage-1 `CandidateSearch` and their canonical squares in uint8 for stage 2 (12 KB
+    each): `candidates`, then `verify`."""
+
+    def __init__(
+        self,
+        canonical: np.ndarray,
+        ids: np.ndarray | None = None,
+        descriptors: np.ndarray | None = None,
+        stage1: str = "auto",
+        nprobe: int = 32,
+    ) -> None:
+        """canonical: [R, 3, C, C] float32 (`fingerprint.canonical`) or its `to_uint8`; ids: [R] what
+        matches report for each reference (default: its position); descriptors: `reference_descriptors`
+        when already computed; stage1, nprobe: see `CandidateSearch`."""
         if len(canonical) == 0:
             raise ValueError("the reference index needs at least one reference image")
         self.ids = np.arange(len(canonical)) if ids is None else np.asarray(ids)
-        self.luma, self.chroma = canonical[:, 0].copy(), canonical[:, 1:].copy()  # [R, C, C], [R, 2, C, C]
-        whole = detail_views(self.luma, [(0.5, 1.0)], [(0.5, 1.0)], DETAIL_GRID, DETAIL_SIGMAS)[:, 0, 0]
-        blank = ~_detail_patterns(whole).any(1)
-        upright = dct_descriptors(self.luma, STAGE1_BOXES)  # [R, 27, 63]
-        upright[blank] = 0.0  # a blank reference matches nothing
-        # rows ordered (reference, box, orientation): divmod recovers them
-        self.descriptors = np.stack([upright, upright * FLIP_SIGNS], axis=2).reshape(-1, upright.shape[-1])
+        self.planes = canonical if canonical.dtype == np.uint8 else to_uint8(canonical)
+        if descriptors is None:
+            descriptors = reference_descriptors(self.planes)
+        self.stage1 = CandidateSearch(descriptors, stage1, nprobe)
 
     def __len__(self) -> int:
-        return len(self.luma)
+        return len(self.planes)
+
+    def luma(self, reference: int) -> np.ndarray:
+        return self.planes[reference, 0].astype(np.float32)
+
+    def chroma(self, reference: int) -> np.ndarray:
+        return self.planes[reference, 1:].astype(np.float32) - 128.0
 
     def candidates(
-        self, queries: Queries, candidate_threshold: float, max_candidates: int, chunk: int = 1 << 22
+        self, queries: Queries, candidate_threshold: float, max_candidates: int
     ) -> list[Candidate]:
-        """Stage 1: up to `max_candidates` references per query, best first. Similarities are computed about
-        `chunk` at a time (queries x references x boxes x orientations), so memory stays bounded."""
-        per_ref = 2 * len(STAGE1_BOXES)
-        refs_per_chunk = max(1, chunk // (per_ref * max(1, len(queries.descriptors))))
-        found: list[tuple[int, float, int, int]] = []  # (query, similarity, reference, row of the reference)
-        for start in range(0, len(self), refs_per_chunk):
-            block = self.descriptors[start * per_ref : (start + refs_per_chunk) * per_ref]
-            sims = (queries.descriptors @ block.T).reshape(len(queries.descriptors), -1, per_ref)
-            best_row, best = sims.argmax(axis=2), sims.max(axis=2)  # [B, refs]
-            for q, r in zip(*np.nonzero(best >= candidate_threshold), strict=True):
-                found.append((int(q), float(best[q, r]), start + int(r), int(best_row[q, r])))
-        found.sort(key=lambda f: (f[0], -f[1]))
-        out = []
-        for _, group in itertools.groupby(found, key=lambda f: f[0]):
-            for q, sim, r, row in itertools.islice(group, max_candidates):
-                box, flip = divmod(row, 2)
-                out.append(Candidate(q, r, bool(flip), STAGE1_BOXES[box], sim))
-        return out
+        """Stage 1: up to `max_candidates` references per query, best first."""
+        return [
+            Candidate(q, r, flip, STAGE1_BOXES[box], sim)
+            for q, sim, r, box, flip in self.stage1.best(
+                queries.descriptors, candidate_threshold, max_candidates
+            )
+        ]
 
     def verify(self, queries: Queries, candidate: Candidate, colour_threshold: float) -> tuple[float, float]:
         """Stage 2: (score, colour agreement). The score is 0 for a blank query or when the colours disagree
@@ -138,7 +267,7 @@ class ReferenceIndex:
         colour = self.colour_agreement(queries.colour[candidate.query, int(candidate.flip)], candidate)
         if not pattern.any() or colour < colour_threshold:
             return 0.0, colour
-        luma = self.luma[candidate.reference]
+        luma = self.luma(candidate.reference)
         x = (float(candidate.box[0]), float(candidate.box[2]) / CENTRAL)  # (centre, scale) of each axis
         y = (float(candidate.box[1]), float(candidate.box[3]) / CENTRAL)
         score = -1.0
@@ -157,7 +286,7 @@ class ReferenceIndex:
         floor = MIN_CHROMA * np.sqrt(whole.size)  # an RMS of MIN_CHROMA levels
         if np.linalg.norm(whole) < floor:
             return 1.0
-        reference = colour_pattern(self.chroma[candidate.reference], candidate.box)
+        reference = colour_pattern(self.chroma(candidate.reference), candidate.box)
         return float(
             query @ reference / (np.linalg.norm(query) * max(float(np.linalg.norm(reference)), floor / 3))
         )

@@ -11,10 +11,10 @@ import logging
 import multiprocessing
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import datasets
 import numpy as np
@@ -24,12 +24,14 @@ from tqdm.auto import tqdm
 
 from vit_pipelines.data.ops import BadImageError
 from vit_pipelines.data.streaming import StreamedImages
-from vit_pipelines.dedup.fingerprint import canonical
-from vit_pipelines.dedup.index import Queries, ReferenceIndex
+from vit_pipelines.dedup.fingerprint import CANONICAL, canonical
+from vit_pipelines.dedup.index import STAGE1_BOXES, Queries, ReferenceIndex, reference_descriptors, to_uint8
 from vit_pipelines.workers import die_with_parent
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
+SKIPPED_EXAMPLES = 5  # unreadable queries named per reason
 DEFAULT_THRESHOLD = 0.9
 """Band-passed luminance correlation from which a query is a copy (docs/dedup.md has the measurements)."""
 
@@ -44,6 +46,8 @@ class DedupConfig:
     max_candidates: int = 3  # stage 1: candidates verified per query, best first
     batch_size: int = 512  # queries decoded and compared at a time
     num_proc: int = 1  # worker processes; 1 searches in this process
+    stage1: str = "auto"  # stage 1: exact, ivf (faiss inverted file), auto: ivf from `IVF_FROM` references
+    nprobe: int = 32  # stage 1, ivf: lists scanned per query
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> DedupConfig:
@@ -65,6 +69,7 @@ class SearchResult:
     matches: list[Match]  # at most one per query (its best reference), by query index
     queries: int
     skipped: dict[str, int] = field(default_factory=dict)  # unreadable queries by reason
+    skipped_examples: dict[str, list[int]] = field(default_factory=dict)  # the first few of each reason
     seconds: float = 0.0
 
 
@@ -88,25 +93,40 @@ def find_near_duplicates(
     config = config or DedupConfig()
     if threshold is not None:
         config = replace(config, threshold=threshold)
-    index, _ = build_index(references)
+    index, _ = build_index(references, config)
     result = search(queries, index, config, progress=progress)
     if result.skipped:
         log.warning("skipped %d unreadable queries: %s", sum(result.skipped.values()), result.skipped)
     return [(m.query, m.reference, m.score) for m in result.matches]
 
 
-def build_index(references: Sequence[Any] | datasets.Dataset) -> tuple[ReferenceIndex, dict[str, int]]:
+def build_index(
+    references: Sequence[Any] | datasets.Dataset, config: DedupConfig | None = None
+) -> tuple[ReferenceIndex, dict[str, int]]:
     """The index over all readable references, and the unreadable ones counted by reason. Reference indices
-    in matches count every reference, readable or not."""
+    in matches count every reference, readable or not. References are decoded and described
+    `config.batch_size` at a time on `config.num_proc` processes."""
+    config = config or DedupConfig()
     images = _ImageSource(references, "references")
     if len(images) == 0:
         raise ValueError("references is empty: there is nothing to de-duplicate against")
-    arrays, kept, skipped = _canonical_batch(images.batch(0, len(images)))
+    spans = [(s, min(s + config.batch_size, len(images))) for s in range(0, len(images), config.batch_size)]
+    planes, descriptors, kept, skipped = [], [], [], Counter()
+    for span, (span_planes, span_descriptors, span_kept, span_unreadable) in zip(
+        spans, _parallel(_describe_references, spans, config.num_proc, source=images), strict=True
+    ):
+        planes.append(span_planes)
+        descriptors.append(span_descriptors)
+        kept += [span[0] + k for k in span_kept]
+        skipped.update(reason for _, reason in span_unreadable)
     if not kept:
         raise ValueError(f"none of the {len(images)} references could be read: {dict(skipped)}")
     if skipped:
         log.warning("skipped %d unreadable references: %s", sum(skipped.values()), dict(skipped))
-    return ReferenceIndex(arrays, np.array(kept)), dict(skipped)
+    index = ReferenceIndex(
+        np.concatenate(planes), np.array(kept), np.concatenate(descriptors), config.stage1, config.nprobe
+    )
+    return index, dict(skipped)
 
 
 def join_references(
@@ -138,14 +158,17 @@ def search(
     units = _units(source, config.batch_size, rank, world)
     total = sum(stop - first for unit in units for first, stop in unit)
     matches: list[Match] = []
-    skipped: Counter[str] = Counter()
+    unreadable: list[tuple[int, str]] = []
     with tqdm(total=total, unit="img", desc="de-duplicating", disable=not progress) as bar:
-        for batch_matches, batch_skipped, size in _map_units(units, source, index, config):
+        work = _parallel(_search_unit, units, config.num_proc, source=source, index=index, config=config)
+        for batch_matches, batch_unreadable, size in work:
             matches += batch_matches
-            skipped.update(batch_skipped)
+            unreadable += batch_unreadable
             bar.update(size)
     matches.sort(key=lambda m: m.query)
-    return SearchResult(matches, total, dict(skipped), time.perf_counter() - start)
+    skipped = Counter(reason for _, reason in unreadable)
+    examples = {r: [q for q, reason in unreadable if reason == r][:SKIPPED_EXAMPLES] for r in sorted(skipped)}
+    return SearchResult(matches, total, dict(skipped), examples, time.perf_counter() - start)
 
 
 # --------------------------------------------------------------------------------------- batches and workers
@@ -196,25 +219,45 @@ def _units(
     return units
 
 
-def _canonical_batch(values: list[Any]) -> tuple[np.ndarray, list[int], Counter[str]]:
-    """What can be decoded: canonical arrays [K, 3, C, C], their positions in `values`; skipped by reason."""
-    arrays, kept, skipped = [], [], Counter()
+def _canonical_batch(values: list[Any]) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
+    """What can be decoded: canonical arrays [K, 3, C, C], their positions in `values`; the (position, reason)
+    of the others."""
+    arrays, kept, unreadable = [], [], []
     for i, value in enumerate(values):
         try:
             arrays.append(canonical(value))
             kept.append(i)
         except BadImageError as err:
-            skipped[err.reason] += 1
-    return (np.stack(arrays) if arrays else np.empty((0, 3, 1, 1), np.float32)), kept, skipped
+            unreadable.append((i, err.reason))
+    return (np.stack(arrays) if arrays else np.empty((0, 3, 1, 1), np.float32)), kept, unreadable
+
+
+def _describe_references(
+    span: tuple[int, int], source: _ImageSource
+) -> tuple[np.ndarray, np.ndarray, list[int], list[tuple[int, str]]]:
+    """references[span] → uint8 canonical squares, stage-1 descriptors, their positions in the span, and
+    the (position, reason) of the unreadable ones."""
+    arrays, kept, unreadable = _canonical_batch(source.batch(*span))
+    if not kept:
+        empty = (
+            np.empty((0, 3, CANONICAL, CANONICAL), np.uint8),
+            np.empty((0, len(STAGE1_BOXES), 63), np.float16),
+        )
+        return *empty, [], unreadable
+    return to_uint8(arrays), reference_descriptors(arrays), kept, unreadable
+
+
+Unit = tuple[list[Match], list[tuple[int, str]], int]  # matches, (query, reason) of the unreadable, queries
 
 
 def _search_span(
     source: _ImageSource, index: ReferenceIndex, config: DedupConfig, span: tuple[int, int]
-) -> tuple[list[Match], Counter[str], int]:
-    """Both stages for queries[span]: the best verified match per query, skipped reasons, span length."""
-    arrays, kept, skipped = _canonical_batch(source.batch(*span))
+) -> Unit:
+    """Both stages for queries[span]: the best verified match per query, the unreadable, span length."""
+    arrays, kept, unreadable = _canonical_batch(source.batch(*span))
+    unreadable = [(span[0] + i, reason) for i, reason in unreadable]
     if not kept:
-        return [], skipped, span[1] - span[0]
+        return [], unreadable, span[1] - span[0]
     queries = Queries.from_canonical(arrays)
     best: dict[int, Match] = {}
     for candidate in index.candidates(queries, config.candidate_threshold, config.max_candidates):
@@ -222,45 +265,43 @@ def _search_span(
         query = span[0] + kept[candidate.query]
         if score >= config.threshold and score > best.get(query, _NO_MATCH).score:
             best[query] = Match(query, int(index.ids[candidate.reference]), score, colour, candidate.flip)
-    return list(best.values()), skipped, span[1] - span[0]
-
-
-_NO_MATCH = Match(-1, -1, -2.0, 0.0, False)
-_WORKER: dict[str, Any] = {}  # each worker's source, index and config, set once by `_start_worker`
-
-
-def _start_worker(source: _ImageSource, index: ReferenceIndex, config: DedupConfig) -> None:
-    die_with_parent()
-    threadpool_limits(1)  # small matrix products run slower with BLAS threads; processes give the parallelism
-    _WORKER.update(source=source, index=index, config=config)
+    return list(best.values()), unreadable, span[1] - span[0]
 
 
 def _search_unit(
-    source: _ImageSource, index: ReferenceIndex, config: DedupConfig, unit: list[tuple[int, int]]
-) -> tuple[list[Match], Counter[str], int]:
-    matches, skipped, size = [], Counter(), 0
+    unit: list[tuple[int, int]], source: _ImageSource, index: ReferenceIndex, config: DedupConfig
+) -> Unit:
+    matches, unreadable, size = [], [], 0
     for span in unit:
-        span_matches, span_skipped, span_size = _search_span(source, index, config, span)
+        span_matches, span_unreadable, span_size = _search_span(source, index, config, span)
         matches += span_matches
-        skipped.update(span_skipped)
+        unreadable += span_unreadable
         size += span_size
-    return matches, skipped, size
+    return matches, unreadable, size
 
 
-def _worker_unit(unit: list[tuple[int, int]]) -> tuple[list[Match], Counter[str], int]:
-    return _search_unit(_WORKER["source"], _WORKER["index"], _WORKER["config"], unit)
+_NO_MATCH = Match(-1, -1, -2.0, 0.0, False)
+_WORKER: dict[str, Any] = {}  # what every task of a worker shares, set once by `_start_worker`
 
 
-def _map_units(
-    units: list[list[tuple[int, int]]], source: _ImageSource, index: ReferenceIndex, config: DedupConfig
-) -> Iterator[tuple[list[Match], Counter[str], int]]:
-    if config.num_proc <= 1 or len(units) <= 1:
+def _start_worker(shared: dict[str, Any]) -> None:
+    die_with_parent()
+    threadpool_limits(1)  # small matrix products run slower with BLAS threads; processes give the parallelism
+    _WORKER.update(shared)
+
+
+def _run_task(task: tuple[Callable[..., Any], Any]) -> Any:
+    function, item = task
+    return function(item, **_WORKER)
+
+
+def _parallel(function: Callable[..., T], items: list[Any], num_proc: int, **shared: Any) -> Iterator[T]:
+    """`function(item, **shared)` for every item, in order: here, or on `num_proc` worker processes."""
+    if num_proc <= 1 or len(items) <= 1:
         with threadpool_limits(1):
-            yield from (_search_unit(source, index, config, unit) for unit in units)
+            yield from (function(item, **shared) for item in items)
         return
     # fork: workers inherit the index and the memory-mapped dataset instead of pickling them
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with ProcessPoolExecutor(
-        config.num_proc, multiprocessing.get_context(method), _start_worker, (source, index, config)
-    ) as pool:
-        yield from pool.map(_worker_unit, units)
+    with ProcessPoolExecutor(num_proc, multiprocessing.get_context(method), _start_worker, (shared,)) as pool:
+        yield from pool.map(_run_task, [(function, item) for item in items])
