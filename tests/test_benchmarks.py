@@ -9,6 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import dedup_scale  # noqa: E402
 import step_breakdown  # noqa: E402
 import train_throughput  # noqa: E402
 from report import print_table  # noqa: E402
@@ -130,3 +131,24 @@ def test_step_breakdown_times_every_call_of_the_fused_block_with_its_bytes_and_f
     assert ceiling["mfu"] / ceiling["measured_mfu"] == pytest.approx(result["step_ms"] / ceiling["step_ms"])
     assert len(step_breakdown.report(result)) == len(ops) + 1  # and "everything else"
     assert fused_cpu._kernels is not None and not isinstance(fused_cpu._kernels, step_breakdown._TimedKernels)
+
+
+def test_dedup_extrapolation_grows_stage_1_along_the_measured_exponent():
+    """Stage 1 takes 1 ms at 10k and 4 ms at 160k test images (exponent 0.5): 300k → 4 sqrt(300/160) ms; the
+    rest of the search and a JPEG decode are added once per query; 14M queries over 64 cores."""
+    rows = [
+        {"references": 10_000, "ivf_ms_per_query": 1.0, "search_ms_per_query": 2.0, "ivf_build_seconds": 1.0},
+        {
+            "references": 160_000,
+            "ivf_ms_per_query": 4.0,
+            "search_ms_per_query": 5.0,
+            "ivf_build_seconds": 16.0,
+        },
+    ]
+    x = dedup_scale.extrapolate(rows, jpeg_ms=1.5)
+    stage1 = 4.0 * (300 / 160) ** 0.5
+    assert x["stage1_growth_exponent"] == pytest.approx(0.5)
+    assert x["stage1_ms_at_target"] == pytest.approx(stage1)
+    assert x["ms_per_query"] == pytest.approx(5.0 - 4.0 + stage1 + 1.5)
+    assert x["hours_on_64_cores"] == pytest.approx(14e6 * (5.0 - 4.0 + stage1 + 1.5) / 1e3 / 3600 / 64)
+    assert x["build_seconds_at_target"] == pytest.approx(30.0)

@@ -4,6 +4,7 @@ embedded default's leaked copies, bad input, and the same answer from worker pro
 from __future__ import annotations
 
 import io
+import pickle
 from collections import Counter
 
 import datasets
@@ -13,7 +14,9 @@ from dedup_benchmark import TRANSFORMS, combined, distractors, originals
 from PIL import Image
 
 from vit_pipelines.data import embedded
-from vit_pipelines.dedup import DedupConfig, build_index, find_near_duplicates, search
+from vit_pipelines.dedup import DedupConfig, ReferenceIndex, build_index, find_near_duplicates, search
+from vit_pipelines.dedup.fingerprint import canonical
+from vit_pipelines.dedup.index import Queries
 
 MIN_RECALL = 0.98
 MAX_FALSE_POSITIVE_RATE = 0.001  # reported (query, reference) pairs that are not copies, over all such pairs
@@ -61,6 +64,50 @@ def test_recall_and_false_positive_rate_per_transformation(benchmark_run):
     assert total_fpr <= MAX_FALSE_POSITIVE_RATE
 
 
+def test_inverted_file_search_finds_the_same_copies(benchmark_run):
+    """Stage 1 through faiss's inverted-file index (few lists scanned, float16 codes) instead of every
+    descriptor: the same matches on the benchmark, at most 4 KB of stage-1 index per reference."""
+    rng = np.random.default_rng(0)
+    refs = [image for _, image in originals()]
+    queries = [transform(image, rng) for image in refs for transform in TRANSFORMS.values()]
+    exact, _ = build_index(refs, DedupConfig(stage1="exact"))
+    ivf, _ = build_index(refs, DedupConfig(stage1="ivf", nprobe=8))
+    assert (exact.stage1.kind, ivf.stage1.kind) == ("exact", "ivf")
+    assert ivf.stage1.bytes_per_reference <= 4096 and exact.stage1.bytes_per_reference <= 4096
+    found = {kind: search(queries, index, DedupConfig(), progress=False).matches
+             for kind, index in (("exact", exact), ("ivf", ivf))}  # fmt: skip
+    copies = [m for m in found["ivf"] if m.query // len(TRANSFORMS) == m.reference]
+    assert len(copies) == len(found["ivf"]) >= 0.98 * len(queries)
+    assert [(m.query, m.reference) for m in found["ivf"]] == [(m.query, m.reference) for m in found["exact"]]
+    # spawned workers receive the index pickled: the faiss index travels serialised
+    restored, central = pickle.loads(pickle.dumps(ivf)), _central(queries[:20])
+    assert [(c.query, c.reference, c.flip, c.similarity) for c in restored.candidates(*central)] == [
+        (c.query, c.reference, c.flip, c.similarity) for c in ivf.candidates(*central)
+    ]
+
+
+def _central(images: list) -> tuple:
+    arrays = np.stack([canonical(image) for image in images])
+    return Queries.from_canonical(arrays), 0.75, 3
+
+
+def test_references_are_kept_losslessly_in_uint8():
+    arrays = np.stack([canonical(image) for _, image in originals()[:5]])
+    index = ReferenceIndex(arrays)
+    assert index.planes.dtype == np.uint8
+    for r in range(5):
+        np.testing.assert_array_equal(index.luma(r), arrays[r, 0])
+        np.testing.assert_array_equal(index.chroma(r), arrays[r, 1:])
+
+
+def test_reference_decoding_in_worker_processes_gives_the_same_index():
+    references = embedded.build_downstream("counting")["test"]
+    one, _ = build_index(references, DedupConfig(batch_size=100))
+    two, _ = build_index(references, DedupConfig(batch_size=100, num_proc=2))
+    np.testing.assert_array_equal(one.planes, two.planes)
+    np.testing.assert_array_equal(one.stage1.vectors, two.stage1.vectors)
+
+
 def test_hard_negatives_are_not_copies():
     """Distinct crops of one photo, same-class digits drawn identically, crops of one texture, faces."""
     refs = originals()
@@ -100,7 +147,7 @@ def test_embedded_default_leaks_are_all_found():
     assert len(others) <= 0.005 * num_images
 
 
-def test_bad_input_is_refused_or_skipped():
+def test_bad_input_is_refused_or_skipped(monkeypatch):
     good = originals()[0][1]
     with pytest.raises(ValueError, match="empty"):
         find_near_duplicates([good], [])
@@ -115,12 +162,34 @@ def test_bad_input_is_refused_or_skipped():
     buf = io.BytesIO()
     good.save(buf, format="PNG")
     corrupt, truncated, empty, tiny = b"\x89PNG garbage", buf.getvalue()[:200], b"", Image.new("RGB", (4, 4))
+    bomb = io.BytesIO()
+    Image.new("L", (400, 400)).save(bomb, format="PNG")  # a bomb once PIL's pixel limit is lowered below
     index, _ = build_index([good])
-    result = search(
-        [corrupt, good, truncated, empty, tiny, buf.getvalue()], index, DedupConfig(), progress=False
-    )
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 70_000)
+    queries = [corrupt, good, truncated, empty, tiny, buf.getvalue(), bomb.getvalue()]
+    result = search(queries, index, DedupConfig(), progress=False)
     assert [m.query for m in result.matches] == [1, 5]
-    assert result.skipped == {"corrupt": 2, "empty": 1, "too_small": 1}
+    assert result.skipped == {"corrupt": 2, "empty": 1, "too_large": 1, "too_small": 1}
+    assert result.skipped_examples == {"corrupt": [0, 2], "empty": [3], "too_large": [6], "too_small": [4]}
+
+
+def test_an_empty_or_unreadable_test_set_is_named():
+    from vit_pipelines.pipelines.dedup.nodes import find_duplicates
+
+    pretrain = embedded.build_pretrain(num_images=20)
+    digits = (
+        embedded.build_downstream("digits")["test"]
+        .select(range(10))
+        .cast_column("image", datasets.Image(decode=False))
+    )
+    broken = digits.map(lambda row, i: {"image": {"bytes": b"" if i == 3 else row["image"]["bytes"], "path": None}},
+                        with_indices=True)  # fmt: skip
+    with pytest.raises(
+        ValueError, match=r"1 test images cannot be read \(\{'empty': 1\}\): downstream\.digits\.test row 3"
+    ):
+        find_duplicates(pretrain, {"num_proc": 1}, digits=broken)
+    with pytest.raises(ValueError, match="downstream.digits.test is empty"):
+        find_duplicates(pretrain, {"num_proc": 1}, digits=digits.select([]))
 
 
 def test_worker_processes_give_the_same_matches():

@@ -3,6 +3,10 @@ ranks search their share of the de-dup queries and write their share of the imag
 weights of one process."""
 
 import json
+import os
+import re
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -78,3 +82,34 @@ def test_two_ranks_extract_half_of_the_features_each_and_both_get_all_of_them(tm
         assert two["per_rank"].tolist() == [50, 51]  # forward passes: each rank its contiguous half
         assert np.array_equal(two["labels"], labels)
         np.testing.assert_allclose(two["features"], features, atol=1e-5, rtol=1e-5)
+
+
+def test_a_rank_that_dies_in_a_shared_stage_ends_the_others_naming_it(tmp_path):
+    """Rank 1 fails in the middle of de-dup, before the matches are gathered: rank 0, waiting in the gather,
+    is ended by the launcher within seconds, and the failing rank is named."""
+    script = tmp_path / "dies.py"
+    script.write_text(
+        "from vit_pipelines.data import embedded\n"
+        "from vit_pipelines.pipelines.dedup.nodes import find_duplicates\n"
+        "from vit_pipelines.training.loop import process_state\n"
+        "import vit_pipelines.pipelines.dedup.nodes as nodes\n"
+        "search = nodes.search\n"
+        "def failing(*args, **kwargs):\n"
+        "    if process_state().process_index == 1:\n"
+        "        raise RuntimeError('rank 1 lost its disk')\n"
+        "    return search(*args, **kwargs)\n"
+        "nodes.search = failing\n"
+        "pretrain = embedded.build_pretrain(num_images=200)\n"
+        "tests = {'digits': embedded.build_downstream('digits')['test'].select(range(50))}\n"
+        "find_duplicates(pretrain, {'num_proc': 1}, **tests)\n"
+    )
+    launch = [a for a in LAUNCH_TWO_RANKS if a != "-m"]
+    start = time.monotonic()
+    result = subprocess.run(
+        [*launch, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "ACCELERATE_USE_CPU": "1", "KEDRO_DISABLE_TELEMETRY": "1"},
+    )  # fmt: skip
+    assert result.returncode != 0 and time.monotonic() - start < 120
+    assert "rank 1 lost its disk" in result.stderr and re.search(r"rank\s*:\s*1", result.stderr), (
+        result.stderr[-3000:]
+    )

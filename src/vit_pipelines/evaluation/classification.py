@@ -18,7 +18,8 @@ def evaluate_accuracy(
     batch_size: int = 256,
     accelerator: Accelerator | None = None,
 ) -> float:
-    """Fraction of `cache` rows whose argmax logit equals the label; all ranks share the work."""
+    """Fraction of `cache` rows whose argmax logit equals the label; with `accelerator`, every rank a
+    contiguous share of the rows (collective: every rank must call it)."""
     return objective_accuracy(Classification(model), cache, pp, batch_size, accelerator)
 
 
@@ -34,20 +35,20 @@ def objective_accuracy(
     """Correct predictions over everything `objective` predicts on `cache`: labels for classification,
     the corrupted patches' colours for masked patch prediction (its draws seeded by `seed`, the global RNG
     left as it was)."""
-    loader = eval_loader(cache, pp, batch_size)
-    finish = loader.dataset.on_device
     device = next(objective.parameters()).device
-    if accelerator is not None:
-        loader = accelerator.prepare_data_loader(loader)
+    if accelerator is not None:  # each rank its contiguous share of the rows: no padding, no row twice
+        rank, world = accelerator.process_index, accelerator.num_processes
+        cache = cache.select(range(rank * len(cache) // world, (rank + 1) * len(cache) // world))
         device = accelerator.device
+    loader = eval_loader(cache, pp, batch_size) if len(cache) else None  # a rank may have no rows
     was_training = objective.training
     objective.eval()
     correct = torch.zeros((), dtype=torch.long, device=device)
     seen = torch.zeros((), dtype=torch.long, device=device)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        for batch in loader:
-            images = finish(batch["images"].to(device, non_blocking=True))
+        for batch in loader or ():
+            images = loader.dataset.on_device(batch["images"].to(device, non_blocking=True))
             labels = batch["labels"].to(device)
             with (
                 accelerator.autocast()
@@ -55,10 +56,9 @@ def objective_accuracy(
                 else torch.autocast(device.type, enabled=False)
             ):
                 out = objective(images, labels)
-            right, count = out.correct.long(), out.count
-            if accelerator is not None:
-                right, count = accelerator.gather_for_metrics((right, count))
-            correct += right.sum()
-            seen += count.sum()
+            correct += out.correct.long().sum()
+            seen += out.count.sum()
     objective.train(was_training)
+    if accelerator is not None:
+        correct, seen = accelerator.reduce(torch.stack([correct, seen]), reduction="sum")
     return correct.item() / max(seen.item(), 1)

@@ -22,6 +22,7 @@ from vit_pipelines.data.cache import resolve_num_proc
 from vit_pipelines.data.ops import open_image
 from vit_pipelines.dedup import DedupConfig, build_index, join_references, search
 from vit_pipelines.dedup.plots import plot_pairs
+from vit_pipelines.dedup.search import SKIPPED_EXAMPLES
 from vit_pipelines.training.loop import process_state
 
 log = logging.getLogger(__name__)
@@ -32,14 +33,28 @@ def find_duplicates(
 ) -> dict:
     """Every pretraining image that is a near-duplicate of a test image, with its best match over all sets:
     `{"pretrain_images", "test_images": {set: n}, "matches": [{"pretrain_index", "test_set", "test_index",
-    "score", "colour", "mirrored"}], "unreadable": {"pretrain"|"test": {reason: n}}, "queries_per_rank",
-    "seconds"}`. Under `accelerate launch` each rank searches its share of the pretraining images."""
-    images, owners = join_references(test_sets)
-    index, unreadable_tests = build_index(images)
+    "score", "colour", "mirrored"}], "unreadable": {"pretrain"|"test": {reason: n}}, "unreadable_examples":
+    {"pretrain": {reason: [row, ...]}}, "queries_per_rank", "seconds"}`. Under `accelerate launch` each rank
+    searches its share of the pretraining images."""
     state = process_state()
     config = DedupConfig.from_params(
         {**params, "num_proc": resolve_num_proc(params.get("num_proc", "auto"), state.num_processes)}
     )
+    for name, test in test_sets.items():
+        if len(test) == 0:
+            raise ValueError(f"downstream.{name}.test is empty: there is nothing to de-duplicate it against")
+    images, owners = join_references(test_sets)
+    try:
+        index, unreadable_tests = build_index(images, config)
+    except ValueError as err:
+        raise ValueError(f"downstream test sets {', '.join(test_sets)}: {err}") from err
+    if unreadable_tests:  # a test image that cannot be read cannot be checked for copies
+        missing = sorted(set(range(len(images))) - set(int(i) for i in index.ids))
+        named = ", ".join(f"downstream.{owners[i][0]}.test row {owners[i][1]}" for i in missing[:5])
+        raise ValueError(
+            f"{len(missing)} test images cannot be read ({unreadable_tests}): {named}"
+            f"{', …' if len(missing) > 5 else ''}; repair or remove them"
+        )
     result = search(pretrain, index, config, True, state.process_index, state.num_processes)
     mine = [
         {
@@ -54,9 +69,12 @@ def find_duplicates(
     ]
     # every rank searched its share: all ranks get every share's matches, as one process would have found them
     matches = sorted(gather_object(mine), key=lambda m: m["pretrain_index"])
-    shares = gather_object([[result.queries, dict(result.skipped), result.seconds]])
+    shares = gather_object([[result.queries, dict(result.skipped), result.seconds, result.skipped_examples]])
     seconds = max(share[2] for share in shares)
     skipped = dict(sum((Counter(share[1]) for share in shares), Counter()))
+    examples = {
+        r: sorted(i for share in shares for i in share[3].get(r, []))[:SKIPPED_EXAMPLES] for r in skipped
+    }
     log.info("%d of %d pretraining images are near-duplicates of test images (%.1f s, %.0f images/s)",
              len(matches), len(pretrain), seconds, len(pretrain) / seconds)  # fmt: skip
     return {
@@ -64,6 +82,7 @@ def find_duplicates(
         "test_images": {name: len(ds) for name, ds in test_sets.items()},
         "matches": matches,
         "unreadable": {"pretrain": skipped, "test": unreadable_tests},
+        "unreadable_examples": {"pretrain": examples},  # row indices of the first few per reason
         "queries_per_rank": [share[0] for share in shares],
         "seconds": round(seconds, 2),
     }
@@ -90,6 +109,7 @@ def report_duplicates(pretrain: datasets.Dataset, duplicates: dict, params: dict
             for name, size in duplicates["test_images"].items()
         },
         "unreadable": duplicates["unreadable"],
+        "unreadable_examples": duplicates.get("unreadable_examples", {}),
         "config": asdict(DedupConfig.from_params(params)),
         "queries_per_rank": duplicates.get("queries_per_rank", [duplicates["pretrain_images"]]),
         "seconds": duplicates["seconds"],
