@@ -56,6 +56,8 @@ def test_tiny_pretrain_runs_end_to_end_and_resumes(project):
     for key in ("minival_accuracy", "num_classes", "steps", "train_images_per_second", "wall_seconds"):
         assert key in metrics, key
     assert metrics["num_classes"] == len(embedded.PRETRAIN_CLASS_NAMES)
+    labels = json.loads((out / "06_models" / "pretrain" / "labels.json").read_text())["id2label"]
+    assert [labels[str(i)] for i in range(len(labels))] == list(embedded.PRETRAIN_CLASS_NAMES)
     assert metrics["steps"] == 6 and metrics["resumed_from_step"] == 0
     assert 0.0 <= metrics["minival_accuracy"] <= 1.0 and metrics["train_images_per_second"] > 0
     # The few-shot probe ran during pretraining on every downstream set (paper Fig. 4).
@@ -245,8 +247,29 @@ def test_bad_training_parameters_fail_before_any_work(tmp_path):
             capture_output=True, text=True, timeout=600, check=False,
             env={**os.environ, "KEDRO_DISABLE_TELEMETRY": "1", "COLUMNS": "500"},
         )  # fmt: skip
-        assert result.returncode != 0 and message in result.stdout + result.stderr, result.stderr[-2000:]
+        # one line on stderr, no traceback on screen; the traceback kept in the log file
+        error, pointer = result.stderr.strip().splitlines()[-2:]
+        assert result.returncode == 1 and error.startswith("Error: ") and message in error, result.stderr[
+            -2000:
+        ]
+        assert "Traceback" not in result.stdout + result.stderr and "logs/last_error.log" in pointer
+        assert message in (project / "logs" / "last_error.log").read_text()
         assert not (project / "data" / "tiny" / "02_intermediate").exists()  # not even de-duplication ran
+
+
+def test_the_run_environment_decides_the_downstream_sets_as_kedro_does(tmp_path):
+    """`--env tiny` reads base + tiny, not local, for the lists the pipelines are built from too."""
+    from vit_pipelines.pipelines.downstream import downstream_datasets
+
+    project = copy_project(tmp_path / "project")
+    (project / "conf" / "local" / "globals.yml").write_text("downstream_datasets: [textures]\n")
+    with open(project / "conf" / "tiny" / "globals.yml", "a") as tiny:
+        tiny.write("downstream_datasets: [digits]\n")
+    assert downstream_datasets(project / "conf") == ["textures"]
+    assert downstream_datasets(project / "conf", env="tiny") == ["digits"]
+    kedro(project, "run", "--env", "tiny", "--pipeline", "dedup")
+    report = json.loads((project / "data" / "tiny" / "08_reporting" / "dedup_report.json").read_text())
+    assert list(report["test_sets"]) == ["digits"]
 
 
 def test_a_second_run_into_the_same_data_folder_is_refused_naming_the_first(tmp_path):
@@ -262,9 +285,10 @@ def test_a_second_run_into_the_same_data_folder_is_refused_naming_the_first(tmp_
         )  # fmt: skip
         first.kill()
     output = result.stdout + result.stderr
-    assert result.returncode != 0 and f"another run is writing into {folder}: pid {first.pid}" in output, (
+    assert result.returncode == 1 and f"another run is writing into {folder}: pid {first.pid}" in output, (
         output[-2000:]
     )
+    assert "Traceback" not in output
     assert not (folder / "02_intermediate").exists()
     kedro(
         project, "run", "--env", "tiny", "--pipeline", "dedup"

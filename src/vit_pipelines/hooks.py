@@ -14,6 +14,7 @@ from kedro.pipeline import Pipeline
 
 from vit_pipelines.locks import RunLock
 from vit_pipelines.models.config import ViTConfig
+from vit_pipelines.pipelines.downstream import use_run_globals
 from vit_pipelines.training.checkpoint import writable_folder
 from vit_pipelines.training.loop import TrainConfig, process_state
 from vit_pipelines.training.objectives import DRLocConfig
@@ -91,6 +92,15 @@ def training_configs(group: str, params: dict[str, Any]) -> list[dict[str, Any]]
     if group == "vtab":
         return [{**train, **setting} for setting in params.get("settings", [])]
     return [train]
+
+
+class UseRunGlobals:
+    """Pipelines are built from the globals the session's config loader resolved (`base` + the run's
+    environment), so what `kedro run --env X` reads is what the pipeline code reads."""
+
+    @hook_impl
+    def after_context_created(self, context: Any) -> None:
+        use_run_globals(context.config_loader["globals"])
 
 
 class CheckParameters:

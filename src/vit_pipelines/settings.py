@@ -7,13 +7,20 @@ from vit_pipelines.hooks import (
     CheckParameters,
     OneRunPerDataFolder,
     QuietNonMainRanks,
+    UseRunGlobals,
 )
 from vit_pipelines.kedro_io import RankAwareCatalog
 
 # Under `accelerate launch`, only the main process writes catalog outputs; the other ranks stay quiet.
 # Every output location is checked for writing before a pipeline starts.
 DATA_CATALOG_CLASS = RankAwareCatalog
-HOOKS = (CheckParameters(), CheckOutputsWritable(), OneRunPerDataFolder(), QuietNonMainRanks())
+HOOKS = (
+    UseRunGlobals(),
+    CheckParameters(),
+    CheckOutputsWritable(),
+    OneRunPerDataFolder(),
+    QuietNonMainRanks(),
+)
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {

@@ -1,9 +1,10 @@
 """What the downstream pipelines share: the lists they fan out over, and the model they start from.
 
-Kedro builds pipelines before it reads parameters, so the lists live in `conf/base/globals.yml` (overridden by
-`conf/local/globals.yml`), read here from the project's `conf/` folder: `downstream_datasets` (few-shot, de-duplication, fine-tuning; each name needs
-catalog entries `downstream.<name>.train` and `.test`) and `vtab_tasks` (each name needs an entry in the
-`vtab.tasks` registry, conf/base/parameters_vtab.yml).
+Kedro builds pipelines before it reads parameters, so the lists live in `globals.yml`: `downstream_datasets`
+(few-shot, de-duplication, fine-tuning; each name needs catalog entries `downstream.<name>.train` and `.test`)
+and `vtab_tasks` (each name needs an entry in the `vtab.tasks` registry, conf/base/parameters_vtab.yml). They
+are read through Kedro's config loader, as every other setting: `base` overridden by the run's environment
+(`local`, or the one `--env` names).
 """
 
 from __future__ import annotations
@@ -11,21 +12,40 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
+from kedro.config import OmegaConfigLoader
 from kedro.pipeline import Pipeline, pipeline
 
 from vit_pipelines.data.embedded import DOWNSTREAM_NAMES
 from vit_pipelines.models import VisionTransformer, load_pretrained
 
+_SESSION: dict[str, dict[str, Any]] = {}  # "globals": the running session's, set by the `UseRunGlobals` hook
 
-def _names_from_globals(key: str, default: list[str], conf_source: str | Path) -> list[str]:
-    """`key` from `<conf_source>/local/globals.yml` if it sets it, else from `base/globals.yml` (the run
-    environment `local` overrides base, as in Kedro); `default` outside a project."""
-    names = None
-    for env in ("base", "local"):
-        path = Path(conf_source) / env / "globals.yml"
-        if path.exists():
-            names = (yaml.safe_load(path.read_text()) or {}).get(key, names)
+
+def use_run_globals(values: dict[str, Any]) -> None:
+    """Build pipelines from these globals (the session's config loader resolved them for its environment)."""
+    _SESSION["globals"] = dict(values)
+
+
+def run_globals(conf_source: str | Path = "conf", env: str | None = None) -> dict[str, Any]:
+    """The running session's globals; without a session, what Kedro's config loader resolves from
+    `conf_source` for `env` (default: `local`); empty outside a project."""
+    if "globals" in _SESSION and env is None and str(conf_source) == "conf":
+        return _SESSION["globals"]
+    if not (Path(conf_source) / "base").is_dir():
+        return {}
+    loader = OmegaConfigLoader(
+        str(conf_source),
+        env=env,
+        base_env="base",
+        default_run_env="local",
+        merge_strategy={"globals": "soft"},
+    )
+    return dict(loader["globals"])
+
+
+def _names_from_globals(key: str, default: list[str], conf_source: str | Path, env: str | None) -> list[str]:
+    """`key` of the run's globals; `default` where no globals file sets it."""
+    names = run_globals(conf_source, env).get(key)
     if names is None:
         return list(default)
     if not names or not all(isinstance(n, str) and n.isidentifier() for n in names):
@@ -35,14 +55,14 @@ def _names_from_globals(key: str, default: list[str], conf_source: str | Path) -
     return list(names)
 
 
-def downstream_datasets(conf_source: str | Path = "conf") -> list[str]:
-    """`downstream_datasets` from `<conf_source>/{base,local}/globals.yml`; the embedded sets outside a project."""
-    return _names_from_globals("downstream_datasets", list(DOWNSTREAM_NAMES), conf_source)
+def downstream_datasets(conf_source: str | Path = "conf", env: str | None = None) -> list[str]:
+    """`downstream_datasets` of the run's globals; the embedded sets outside a project."""
+    return _names_from_globals("downstream_datasets", list(DOWNSTREAM_NAMES), conf_source, env)
 
 
-def vtab_tasks(conf_source: str | Path = "conf") -> list[str]:
-    """`vtab_tasks` from `<conf_source>/{base,local}/globals.yml`; the embedded stand-in suite outside a project."""
-    return _names_from_globals("vtab_tasks", list(DOWNSTREAM_NAMES), conf_source)
+def vtab_tasks(conf_source: str | Path = "conf", env: str | None = None) -> list[str]:
+    """`vtab_tasks` of the run's globals; the embedded stand-in suite outside a project."""
+    return _names_from_globals("vtab_tasks", list(DOWNSTREAM_NAMES), conf_source, env)
 
 
 def start_model(
