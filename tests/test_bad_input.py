@@ -26,7 +26,7 @@ from vit_pipelines.hooks import base_parameters, check_known_keys
 from vit_pipelines.locks import FolderLockedError, RunLock
 from vit_pipelines.models import VisionTransformer, ViTConfig, load_pretrained
 from vit_pipelines.models.fused_cpu import build_folder, wait_for_build_lock
-from vit_pipelines.training.checkpoint import save_model
+from vit_pipelines.training.checkpoint import load_model, save_model
 
 
 @pytest.mark.parametrize("variant", ["X/16", "B16", "B/x"])
@@ -159,6 +159,14 @@ def test_labels_that_are_not_class_ids_are_named_and_class_names_become_ids(tmp_
         ValueError, match=r"pets\.parquet: label column 'label' holds string; streamed sources need"
     ):
         load_image_dataset(f"parquet:{tmp_path}/pets.parquet", streaming=True)
+    # the id → name mapping travels with the model, and a model without names leaves none behind
+    model = VisionTransformer(ViTConfig(image_size=8, patch_size=4, width=8, depth=1, num_heads=1, mlp_dim=8,
+                                        num_classes=2))  # fmt: skip
+    model.class_names = pets.features["label"].names
+    save_model(model, tmp_path / "model")
+    assert load_model(tmp_path / "model").class_names == ["cat", "dog"]
+    save_model(VisionTransformer(model.config), tmp_path / "model")
+    assert not hasattr(load_model(tmp_path / "model"), "class_names")
 
 
 def test_damaged_checkpoints_are_named(tmp_path):

@@ -141,6 +141,27 @@ def test_hf_backbone_without_head_takes_a_zero_head(tmp_path):
         assert torch.equal(ours(x), torch.zeros(2, 3))
 
 
+def test_a_backbone_without_head_serves_features_alone():
+    """Few-shot probes need features only: a headless checkpoint loads with an empty head, no num_classes."""
+    from transformers import ViTModel
+
+    from vit_pipelines.data import embedded
+    from vit_pipelines.data.cache import cache_images
+    from vit_pipelines.evaluation.features import extract_features
+
+    hf = randomized(ViTModel(hf_config()))
+    ours = load_pretrained(hf.state_dict(), format="hf", hf_config=hf.config.to_dict(), features_only=True)
+    assert ours.config.num_classes == 0
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            ours.forward_features(x)["tokens"], hf(x).last_hidden_state, atol=ATOL, rtol=0
+        )
+    digits = embedded.build_downstream("digits", image_size=32)["test"].select(range(3))
+    features, _ = extract_features(ours, cache_images(digits, "decode")[0], "value_range(-1,1)")
+    assert features.shape == (3, hf.config.hidden_size) and np.isfinite(features).all()
+
+
 def test_hf_at_a_higher_resolution():
     from transformers import ViTForImageClassification
 

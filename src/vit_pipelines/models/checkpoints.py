@@ -112,6 +112,7 @@ def load_pretrained(
     hf_config: Mapping[str, Any] | Any | None = None,
     num_heads: int | None = None,
     resize_method: str = "zoom_bilinear",
+    features_only: bool = False,
 ) -> VisionTransformer:
     """A `VisionTransformer` (eval mode) with the weights of `source`, giving the source framework's logits.
 
@@ -120,7 +121,8 @@ def load_pretrained(
     "auto" (from the folder's config or the keys) or one of FORMATS. `image_size` (pixels) different from the
     source's resizes the position embedding with `resize_method` ("zoom_bilinear" as vit_jax, or "bicubic" as
     timm); `num_classes` different from the source's puts ONE zero-initialised Linear(D→K) in place of the head
-    and drops the pre-logits layer (paper §3.2); a source without a head needs `num_classes`.
+    and drops the pre-logits layer (paper §3.2); a source without a head needs `num_classes`, unless
+    `features_only` (few-shot probes, feature extraction): it then gets an empty head (`num_classes` 0).
     `hf_config`: the `transformers.ViTConfig` (or its dict) of an HF state dict given without its folder.
     `num_heads`: timm only, whose weights do not record it; by default Table 1's count for the width.
     timm and npz sources are assumed to have a square patch grid, as vit_jax and big_vision assume.
@@ -149,7 +151,7 @@ def load_pretrained(
         config, state = _from_timm(tensors, num_heads)
     else:
         config, state = _from_big_vision(tensors)
-    return _reconcile(config, state, image_size, num_classes, resize_method)
+    return _reconcile(config, state, image_size, num_classes, resize_method, features_only)
 
 
 def export_hf(model: VisionTransformer, folder: str | Path) -> None:
@@ -452,6 +454,7 @@ def _reconcile(
     image_size: int | tuple[int, int] | None,
     num_classes: int | None,
     resize_method: str,
+    features_only: bool = False,
 ) -> VisionTransformer:
     """vit_jax's surgery: posemb resized to `image_size`, head replaced for `num_classes`; then a strict load."""
     if image_size is not None:
@@ -459,8 +462,13 @@ def _reconcile(
         state = _resize_posemb(state, config, target.grid_size, resize_method)
         config = target
     if num_classes is None and config.num_classes == 0:
-        raise ValueError("the checkpoint has no classification head: pass num_classes")
-    new_head = num_classes is not None and num_classes != config.num_classes
+        if not features_only:
+            raise ValueError(
+                "the checkpoint has no classification head: pass num_classes (the task's classes), or "
+                "features_only=True to use its features alone"
+            )
+        num_classes = 0  # an empty head
+    new_head = num_classes is not None and (num_classes != config.num_classes or num_classes == 0)
     if new_head:
         config = config.replace(num_classes=num_classes, representation_size=None)
         state = {k: v for k, v in state.items() if not k.startswith(("head.", "pre_logits."))}

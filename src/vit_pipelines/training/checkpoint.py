@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from vit_pipelines.models.checkpoints import CONFIG, WEIGHTS, load_pretrained, read_native, write_native
 from vit_pipelines.models.vit import VisionTransformer
 
+LABELS = "labels.json"  # class id → name, beside a model trained on named classes
 OPTIMIZER = "optimizer.pt"
 STATE = "trainer_state.json"
 EMA = "ema.safetensors"  # the float32 Polyak / EMA weights, when the run keeps them
@@ -52,20 +53,31 @@ def _replace_atomically(folder: Path, fill: Any) -> None:
 
 
 def save_model(model: VisionTransformer, folder: str | Path) -> None:
-    """`folder/model.safetensors` + `folder/config.json`; other files in `folder` (checkpoints/) stay."""
+    """`folder/model.safetensors` + `folder/config.json`, and `folder/labels.json` (`{"id2label": {id:
+    name}}`) when the model carries `class_names`; other files in `folder` (checkpoints/) stay."""
     folder = Path(folder)
     tmp = folder / ".saving"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     write_native(model, tmp)
-    for name in (CONFIG, WEIGHTS):  # weights last: their presence marks a complete checkpoint
-        (tmp / name).replace(folder / name)
+    names = getattr(model, "class_names", None)
+    (folder / LABELS).unlink(missing_ok=True)
+    if names:
+        (tmp / LABELS).write_text(json.dumps({"id2label": dict(enumerate(names))}, indent=1))
+    for name in (LABELS, CONFIG, WEIGHTS):  # weights last: their presence marks a complete checkpoint
+        if (tmp / name).exists():
+            (tmp / name).replace(folder / name)
     tmp.rmdir()
 
 
 def load_model(folder: str | Path) -> VisionTransformer:
-    """The model `save_model` wrote to `folder` (eval mode)."""
-    return load_pretrained(folder, format="native")
+    """The model `save_model` wrote to `folder` (eval mode), with its `class_names` if it has them."""
+    model = load_pretrained(folder, format="native")
+    labels = Path(folder) / LABELS
+    if labels.exists():
+        id2label = json.loads(labels.read_text())["id2label"]
+        model.class_names = [id2label[str(i)] for i in range(len(id2label))]
+    return model
 
 
 def save_training_state(

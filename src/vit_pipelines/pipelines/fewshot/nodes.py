@@ -20,8 +20,9 @@ log = logging.getLogger(__name__)
 
 
 def select_model(pretrained_model: VisionTransformer | None, params: dict[str, Any]) -> VisionTransformer:
-    """`fewshot.checkpoint.path` if set (its head and pre-logits kept), else the latest pretraining output."""
-    return start_model(pretrained_model, params, pipeline="fewshot")
+    """`fewshot.checkpoint.path` if set (its head and pre-logits kept; a checkpoint without a head is fine:
+    only features are used), else the latest pretraining output."""
+    return start_model(pretrained_model, params, pipeline="fewshot", features_only=True)
 
 
 def evaluate_dataset(

@@ -136,6 +136,9 @@ def pretrain(
         model, train_cache, config, checkpoint_dir=params.get("checkpoint_dir"),
         evaluators=evaluators, description="pretrain", objective=objective,
     )  # fmt: skip
+    label = train_cache.features.get("label")
+    if config.objective != "masked_patch" and isinstance(label, datasets.ClassLabel):
+        result.model.class_names = label.names  # saved beside the weights as labels.json
     history = {
         "records": result.history,
         "wall_seconds": result.wall_seconds,
