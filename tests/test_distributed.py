@@ -53,11 +53,14 @@ def test_two_ranks_train_the_weights_of_one_process_and_write_the_same_files(tmp
     assert found[1]["matches"] == found[0]["matches"] and found[1]["unreadable"] == found[0]["unreadable"]
     reports = [json.loads((p / "data/tiny/08_reporting/dedup_report.json").read_text()) for p in (one, two)]
     assert reports[0]["queries_per_rank"] == [600] and reports[1]["queries_per_rank"] == [300, 300]
-    # The final evaluation: each rank scored its share of each minival batch; together, one process's number.
+    # The final evaluation: each rank scored its contiguous share of minival; together, one process's number.
     metrics = [
         json.loads((p / "data/tiny/08_reporting/pretrain_metrics.json").read_text()) for p in (one, two)
     ]
     assert metrics[1]["minival_accuracy"] == metrics[0]["minival_accuracy"]
+    total = metrics[0]["minival_images"]
+    assert metrics[0]["minival_images_per_rank"] == [total]
+    assert metrics[1]["minival_images_per_rank"] == [total // 2, total - total // 2]
     assert metrics[1]["fewshot"] == metrics[0]["fewshot"]  # the probe's features: each rank extracted half
     # The logged loss and accuracy are reduced over both ranks' halves of each global batch.
     history = "data/tiny/07_model_output/pretrain_history.json"

@@ -109,6 +109,7 @@ def test_tiny_fewshot_evaluates_the_pretrained_model_and_a_random_baseline(proje
             assert set(result[kind]) == {"1", "5"}, name
             assert all(len(v["per_seed"]) == 2 and 0 <= v["mean"] <= 1 for v in result[kind].values())
         assert result["image_size"] == [16, 16]
+        assert result["feature_images_per_rank"] == [result["train_images"] + result["test_images"]]
         assert results["summary"][name]["chance"] == pytest.approx(1 / result["num_classes"])
     with PIL.Image.open(out / "08_reporting" / "fewshot_accuracy.png") as plot:
         assert plot.size[0] > 900

@@ -26,6 +26,7 @@ from vit_pipelines.data.ops import BadImageError
 from vit_pipelines.data.streaming import StreamedImages
 from vit_pipelines.dedup.fingerprint import CANONICAL, canonical
 from vit_pipelines.dedup.index import STAGE1_BOXES, Queries, ReferenceIndex, reference_descriptors, to_uint8
+from vit_pipelines.training.loop import rank_share
 from vit_pipelines.workers import die_with_parent
 
 log = logging.getLogger(__name__)
@@ -211,7 +212,8 @@ def _units(
         bounds = source.data.part_offsets
         shares = [(bounds[i], bounds[i + 1]) for i in range(rank, len(bounds) - 1, world)]
     else:
-        shares = [(rank * len(source) // world, (rank + 1) * len(source) // world)]
+        rows = rank_share(len(source), rank, world)
+        shares = [(rows.start, rows.stop)]
     units = []
     for first, end in shares:
         spans = [(int(s), int(min(s + batch_size, end))) for s in range(first, end, batch_size)]

@@ -8,6 +8,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from vit_pipelines.data.loader import eval_loader
+from vit_pipelines.training.loop import rank_share
 from vit_pipelines.training.objectives import Classification, MaskedPatchPrediction
 
 
@@ -37,8 +38,7 @@ def objective_accuracy(
     left as it was)."""
     device = next(objective.parameters()).device
     if accelerator is not None:  # each rank its contiguous share of the rows: no padding, no row twice
-        rank, world = accelerator.process_index, accelerator.num_processes
-        cache = cache.select(range(rank * len(cache) // world, (rank + 1) * len(cache) // world))
+        cache = cache.select(rank_share(len(cache), accelerator.process_index, accelerator.num_processes))
         device = accelerator.device
     loader = eval_loader(cache, pp, batch_size) if len(cache) else None  # a rank may have no rows
     was_training = objective.training

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from vit_pipelines.data.loader import content_fingerprint, eval_batches
 from vit_pipelines.models.vit import VisionTransformer
-from vit_pipelines.training.loop import process_state, resolve_mixed_precision
+from vit_pipelines.training.loop import process_state, rank_share, resolve_mixed_precision
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def extract_features(
     computes its share (collective: every rank must call it)."""
     state = process_state()
     rank, world = state.process_index, state.num_processes
-    share = cache.select(range(rank * len(cache) // world, (rank + 1) * len(cache) // world))
+    share = cache.select(rank_share(len(cache), rank, world))
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

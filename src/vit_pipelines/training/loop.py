@@ -190,6 +190,17 @@ def process_state() -> PartialState:
     return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
+def rank_share(rows: int, rank: int, world: int) -> range:
+    """Rank `rank`'s contiguous share of `rows` rows among `world` ranks: at most ceil(rows / world) of them."""
+    return range(rank * rows // world, (rank + 1) * rows // world)
+
+
+def shares_per_rank(rows: int) -> list[int]:
+    """How many of `rows` rows each rank of this launch takes (`rank_share`), for reports."""
+    world = process_state().num_processes
+    return [len(rank_share(rows, r, world)) for r in range(world)]
+
+
 def make_accelerator(mixed_precision: str = "auto") -> Accelerator:
     """An Accelerator that splits each global batch across processes. Accelerate keeps one state per
     process; a run asking for another precision than the last one resets it (the process group stays)."""

@@ -14,7 +14,7 @@ from vit_pipelines.evaluation.fewshot import fewshot_grid, fewshot_pool, pp_for_
 from vit_pipelines.evaluation.plots import plot_fewshot
 from vit_pipelines.models import VisionTransformer
 from vit_pipelines.pipelines.downstream import start_model
-from vit_pipelines.training.loop import process_state
+from vit_pipelines.training.loop import process_state, shares_per_rank
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,9 @@ def evaluate_dataset(
         "train_images": len(train_cache),
         "test_images": len(test_cache),
         "skipped_images": train_report["skipped"] | test_report["skipped"],
-    }
+        "feature_images_per_rank": [a + b for a, b in zip(shares_per_rank(len(train_cache)),
+                                                          shares_per_rank(len(test_cache)), strict=True)],
+    }  # fmt: skip
     device = process_state().device  # each rank's accelerator, where it has one
     for kind, net in models.items():
         net = net.to(device)

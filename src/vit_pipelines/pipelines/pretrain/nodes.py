@@ -12,7 +12,7 @@ import numpy as np
 
 from vit_pipelines.data.cache import (
     ShardBuild,
-    classes_of,
+    check_class_ids,
     label_array,
     num_classes,
     read_manifest,
@@ -24,7 +24,7 @@ from vit_pipelines.evaluation.classification import evaluate_accuracy, objective
 from vit_pipelines.evaluation.fewshot import cache_fewshot_sets, fewshot_accuracies, pp_for_size
 from vit_pipelines.evaluation.plots import plot_curves
 from vit_pipelines.models import VisionTransformer, ViTConfig
-from vit_pipelines.training.loop import TrainConfig, make_accelerator, process_state, train
+from vit_pipelines.training.loop import TrainConfig, make_accelerator, process_state, shares_per_rank, train
 from vit_pipelines.training.losses import SIGMOID_HEAD_BIAS
 from vit_pipelines.training.objectives import MASKED_PATCH_CLASSES
 
@@ -41,8 +41,7 @@ def prepare_cache(
     keep[[m["pretrain_index"] for m in duplicates["matches"]]] = False
     kept = np.flatnonzero(keep)
     labels = label_array(raw)[kept]
-    if not isinstance(raw.features["label"], datasets.ClassLabel):
-        classes_of(labels)  # stray labels stop here, before the cache is written
+    check_class_ids(labels, raw.features["label"])  # stray labels stop here, before the cache is written
     train_rows, minival_rows = split_rows(labels, params["minival_fraction"], params.get("seed", 0))
     options = {
         "storage": params.get("storage", "encoded"),
@@ -158,7 +157,7 @@ def evaluate(
     objective = config.objective
     if objective == "masked_patch":
         accuracy = next(r["minival_accuracy"] for r in reversed(records) if "minival_accuracy" in r)
-    else:  # on each rank's device in the training precision, every rank a share of each batch
+    else:  # on each rank's device in the training precision, every rank a contiguous share of the rows
         accelerator = make_accelerator(config.mixed_precision)
         model = model.to(accelerator.device)
         pp, batch_size = params["eval"]["pp"], params["eval"]["batch_size"]
@@ -168,6 +167,7 @@ def evaluate(
         "objective": objective,
         "minival_accuracy": accuracy,
         "minival_images": len(minival),
+        "minival_images_per_rank": shares_per_rank(len(minival)) if objective != "masked_patch" else None,
         "num_classes": model.config.num_classes,
         "chance_accuracy": 1.0 / model.config.num_classes,
         "steps": params["train"]["steps"],
