@@ -19,7 +19,7 @@ from kedro.io import DatasetError
 from kedro_datasets.json import JSONDataset
 
 import vit_pipelines.kedro_io as kedro_io
-from vit_pipelines.data.cache import classes_of
+from vit_pipelines.data.cache import check_class_ids, classes_of
 from vit_pipelines.data.sources import load_image_dataset
 from vit_pipelines.evaluation.vtab import Task
 from vit_pipelines.hooks import base_parameters, check_known_keys
@@ -150,6 +150,11 @@ def test_labels_that_are_not_class_ids_are_named_and_class_names_become_ids(tmp_
         classes_of(np.array([0, 1, 2, 1, 999]))
     with pytest.raises(ValueError, match="labels must be class ids >= 0, found -1"):
         classes_of(np.array([-1, 0, 1]))
+    with pytest.raises(
+        ValueError, match=r"labels 5 are outside the label column's 2 class names \(cat, dog\)"
+    ):
+        check_class_ids(np.array([0, 5, 1]), datasets.ClassLabel(names=["cat", "dog"]))
+    check_class_ids(np.array([0, 1, 1]), datasets.ClassLabel(names=["cat", "dog"]))
     images = [{"bytes": b"x", "path": None}] * 3
     names = datasets.Dataset.from_dict({"image": images, "label": ["dog", "cat", "dog"]})
     names.to_parquet(tmp_path / "pets.parquet")

@@ -471,6 +471,21 @@ def num_classes(dataset: datasets.Dataset | StreamedImages) -> int:
     return classes_of(label_array(dataset))
 
 
+def check_class_ids(labels: np.ndarray, feature: Any) -> None:
+    """Labels must be class ids: those of a ClassLabel, else ids 0..K-1 as `classes_of` checks."""
+    if not isinstance(feature, datasets.ClassLabel):
+        classes_of(labels)
+        return
+    outside = np.unique(labels[(labels < 0) | (labels >= feature.num_classes)])
+    if len(outside):
+        shown = ", ".join(str(int(v)) for v in outside[:5]) + (", …" if len(outside) > 5 else "")
+        names = ", ".join(feature.names[:5]) + (", …" if feature.num_classes > 5 else "")
+        raise ValueError(
+            f"labels {shown} are outside the label column's {feature.num_classes} class names ({names}): "
+            f"ids run 0..{feature.num_classes - 1}"
+        )
+
+
 def classes_of(labels: np.ndarray) -> int:
     """1 + the largest of integer labels, once they look like class ids 0..K-1: a stray 999 among 0-2 would
     silently make a 1,000-class head, mostly unused."""
