@@ -31,10 +31,12 @@ CENTRAL = 0.84  # side of a query's compared central box; a border of up to 8% o
 SHIFT_RANGE = 0.05  # largest offset searched between a copy's frame centre and its original's (fraction)
 SCALE_RANGE = (0.88, 1.1)  # sizes of a copy's frame in its original's searched, per axis
 STAGE1_BOXES = np.array(
-    [(0.5 + dx, 0.5 + dy, CENTRAL * s, CENTRAL * s)
-     for s, dx, dy in itertools.product((0.92, 1.0, 1.08), (-0.04, 0.0, 0.04), (-0.04, 0.0, 0.04))],
+    [
+        (0.5 + dx, 0.5 + dy, CENTRAL * s, CENTRAL * s)
+        for s, dx, dy in itertools.product((0.92, 1.0, 1.08), (-0.04, 0.0, 0.04), (-0.04, 0.0, 0.04))
+    ],
     dtype=np.float32,
-)  # fmt: skip
+)
 """[27, 4] reference boxes (cx, cy, sx, sy) compared with a query's central box."""
 DETAIL_GRID = 32  # side of the band-passed luminance patterns correlated in stage 2, pixels
 DETAIL_SIGMAS = (0.75, 3.0)  # their band pass: fine and coarse Gaussian sigma, DETAIL_GRID pixels

@@ -134,8 +134,12 @@ def plot_attention_distance(distances: np.ndarray, image_size: tuple[int, int]) 
     layers, heads = distances.shape
     for head in range(heads):
         ax.scatter(np.arange(1, layers + 1), distances[:, head], s=14, label=f"head {head + 1}")
-    ax.set(xlabel="network depth (layer)", ylabel="mean attention distance (pixels)",
-           ylim=(0, float(np.hypot(*image_size)) / 2), title="Attention distance per head")  # fmt: skip
+    ax.set(
+        xlabel="network depth (layer)",
+        ylabel="mean attention distance (pixels)",
+        ylim=(0, float(np.hypot(*image_size)) / 2),
+        title="Attention distance per head",
+    )
     ax.grid(alpha=0.3)
     if heads <= 12:
         ax.legend(fontsize=7, ncol=2)

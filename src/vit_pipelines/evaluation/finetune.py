@@ -44,9 +44,13 @@ def finetune(
         key = f"{weights_fingerprint(model)[:8]}-{content_fingerprint(train_cache)[:8]}"
         run_root = Path(checkpoint_dir) / key
     return train(
-        copy.deepcopy(model), train_cache, config, checkpoint_dir=run_root, evaluators=evaluators,
+        copy.deepcopy(model),
+        train_cache,
+        config,
+        checkpoint_dir=run_root,
+        evaluators=evaluators,
         description=description,
-    )  # fmt: skip
+    )
 
 
 def accuracy_as_trained(

@@ -77,9 +77,11 @@ def plot_drloc_comparison(runs: list[dict]) -> plt.Figure:
         curve = run["curve"]
         key = "classification_loss" if run["drloc"] else "loss"
         ax_loss.plot(
-            [p["step"] for p in curve], [p[key] for p in curve], "-" if run["drloc"] else ":",
+            [p["step"] for p in curve],
+            [p[key] for p in curve],
+            "-" if run["drloc"] else ":",
             label=f"{'with' if run['drloc'] else 'without'}, seed {run['seed']}",
-        )  # fmt: skip
+        )
     ax_loss.set(xlabel="step", ylabel="cross-entropy", title="training classification loss")
     for ax in (ax_acc, ax_loss):
         ax.grid(alpha=0.3)

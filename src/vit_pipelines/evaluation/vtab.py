@@ -132,11 +132,21 @@ def plot_vtab(results: Mapping[str, Mapping[str, Any]], summary: Mapping[str, An
         bars = ax.bar(names, values, color=colours[group])
         for bar, name in zip(bars, names, strict=True):
             label = "failed" if results[name].get("error") else f"{results[name]['test_accuracy']:.2f}"
-            ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
-                        fontsize=8)  # fmt: skip
+            ax.annotate(
+                label,
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+            )
         if group in summary["group_mean"]:
-            ax.axhline(summary["group_mean"][group], color="black", ls="--", lw=1,
-                       label=f"mean {summary['group_mean'][group]:.3f}")  # fmt: skip
+            ax.axhline(
+                summary["group_mean"][group],
+                color="black",
+                ls="--",
+                lw=1,
+                label=f"mean {summary['group_mean'][group]:.3f}",
+            )
             ax.legend(fontsize=8, loc="upper right")
         ax.set(title=f"VTAB-1k {group}", ylim=(0, 1), ylabel="test accuracy")
         ax.tick_params(axis="x", rotation=30)

@@ -242,7 +242,32 @@ class _FusedBlock(torch.autograd.Function):
     and this block's a, else None."""
 
     @staticmethod
-    def forward(ctx, x, h1, mean1, rstd1, a_prev, ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w, fc2_b, next_w, next_b, next_eps, heads, eps1, eps2):  # fmt: skip
+    def forward(
+        ctx,
+        x,
+        h1,
+        mean1,
+        rstd1,
+        a_prev,
+        ln1_w,
+        ln1_b,
+        qkv_w,
+        qkv_b,
+        proj_w,
+        proj_b,
+        ln2_w,
+        ln2_b,
+        fc1_w,
+        fc1_b,
+        fc2_w,
+        fc2_b,
+        next_w,
+        next_b,
+        next_eps,
+        heads,
+        eps1,
+        eps2,
+    ):
         ops, (b, n, d) = _kernels, x.shape
         scale = (d // heads) ** -0.5
         w_qkv, w_proj, w_fc1, w_fc2 = (w.to(torch.bfloat16) for w in (qkv_w, proj_w, fc1_w, fc2_w))
@@ -293,7 +318,9 @@ class _FusedBlock(torch.autograd.Function):
         dqkv, dw_qkv, db_qkv = ops.attention_bwd(do, qkv, qkv_b, p, h1, heads, scale, _amx)
         dqkv = dqkv.view(-1, 3 * d)
         # the first layer norm's backward pass, with the previous block's fc2 gradients where it handed over its a
-        gx, dln1_w, dln1_b, *previous = ops.layer_norm_bwd(torch.mm(dqkv, w_qkv).view(b, n, d), x, mean1, rstd1, ln1_w, g1, a_prev, _amx)  # fmt: skip
+        gx, dln1_w, dln1_b, *previous = ops.layer_norm_bwd(
+            torch.mm(dqkv, w_qkv).view(b, n, d), x, mean1, rstd1, ln1_w, g1, a_prev, _amx
+        )
         if previous:
             _Handover.give_backward(gx, previous)
         # every parameter gradient comes out of the kernels in float32, the parameters' dtype

@@ -96,7 +96,7 @@ def for_each_downstream_dataset(
                 **{s: s for s in shared},
                 "train_raw": f"downstream.{name}.train",
                 "test_raw": f"downstream.{name}.test",
-            },  # fmt: skip
+            },
             parameters=parameters,
         )
         for name in names

@@ -297,10 +297,14 @@ def train(
     prepared, optimizer = accelerator.prepare(objective, optimizer)
     model = accelerator.unwrap_model(prepared).model  # on the device; evaluators and checkpoints use it
     loader = train_loader(
-        train_cache, config.pp_train, micro * world, (config.steps - start) * accumulation,
-        seed=config.seed, start_batch=start * accumulation,
+        train_cache,
+        config.pp_train,
+        micro * world,
+        (config.steps - start) * accumulation,
+        seed=config.seed,
+        start_batch=start * accumulation,
         num_workers=resolve_num_workers(config.num_workers, accelerator.device, world),
-    )  # fmt: skip
+    )
     finish = loader.dataset.on_device  # value_range on the device, after the uint8 copy
     batches = iter(accelerator.prepare_data_loader(loader))
     params = [p for p in prepared.parameters() if p.requires_grad]
@@ -386,8 +390,12 @@ def train(
             sums.zero_()
             t_log, images_since_log, data_wait = time.perf_counter(), 0, 0.0
             history.append(record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}",
-                            lr=f"{record['lr']:.2e}", img_s=f"{record['images_per_second']:.0f}")  # fmt: skip
+            bar.set_postfix(
+                loss=f"{record['loss']:.3f}",
+                acc=f"{record['accuracy']:.3f}",
+                lr=f"{record['lr']:.2e}",
+                img_s=f"{record['images_per_second']:.0f}",
+            )
         t_pause = time.perf_counter()  # evaluation and checkpoint time do not count against throughput
         if evaluators and (is_last or (config.eval_every and done % config.eval_every == 0)):
             history.append(evaluate(done))
@@ -401,9 +409,15 @@ def train(
                     "history": history,
                 }
                 save_training_state(
-                    run_dir, done, model, optimizer, state, config.keep_checkpoints,
-                    ema=ema, objective=objective_state(objective),
-                )  # fmt: skip
+                    run_dir,
+                    done,
+                    model,
+                    optimizer,
+                    state,
+                    config.keep_checkpoints,
+                    ema=ema,
+                    objective=objective_state(objective),
+                )
         t_log += time.perf_counter() - t_pause
     bar.close()
     wall = time.perf_counter() - t_start

@@ -75,8 +75,13 @@ def find_duplicates(
     examples = {
         r: sorted(i for share in shares for i in share[3].get(r, []))[:SKIPPED_EXAMPLES] for r in skipped
     }
-    log.info("%d of %d pretraining images are near-duplicates of test images (%.1f s, %.0f images/s)",
-             len(matches), len(pretrain), seconds, len(pretrain) / seconds)  # fmt: skip
+    log.info(
+        "%d of %d pretraining images are near-duplicates of test images (%.1f s, %.0f images/s)",
+        len(matches),
+        len(pretrain),
+        seconds,
+        len(pretrain) / seconds,
+    )
     return {
         "pretrain_images": len(pretrain),
         "test_images": {name: len(ds) for name, ds in test_sets.items()},
@@ -151,11 +156,13 @@ def plot_duplicates(
     for m in shown:
         test_image = open_image(test_sets[m["test_set"]][m["test_index"]]["image"])[0]
         mirrored = " mirrored" if m["mirrored"] else ""
-        pairs.append((
-            open_image(pretrain_images[m["pretrain_index"]])[0],
-            ImageOps.mirror(test_image) if m["mirrored"] else test_image,
-            f"{m['pretrain_index']} ~ {m['test_set']}[{m['test_index']}]{mirrored} {m['score']:.3f}",
-        ))  # fmt: skip
+        pairs.append(
+            (
+                open_image(pretrain_images[m["pretrain_index"]])[0],
+                ImageOps.mirror(test_image) if m["mirrored"] else test_image,
+                f"{m['pretrain_index']} ~ {m['test_set']}[{m['test_index']}]{mirrored} {m['score']:.3f}",
+            )
+        )
     return plot_pairs(
         pairs, f"{len(pairs)} of {len(matches)} removed pretraining images (left) and their test images"
     )

@@ -43,9 +43,11 @@ def evaluate_dataset(
         "train_images": len(train_cache),
         "test_images": len(test_cache),
         "skipped_images": train_report["skipped"] | test_report["skipped"],
-        "feature_images_per_rank": [a + b for a, b in zip(shares_per_rank(len(train_cache)),
-                                                          shares_per_rank(len(test_cache)), strict=True)],
-    }  # fmt: skip
+        "feature_images_per_rank": [
+            a + b
+            for a, b in zip(shares_per_rank(len(train_cache)), shares_per_rank(len(test_cache)), strict=True)
+        ],
+    }
     device = process_state().device  # each rank's accelerator, where it has one
     for kind, net in models.items():
         net = net.to(device)

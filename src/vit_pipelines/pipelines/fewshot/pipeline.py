@@ -6,8 +6,12 @@ from vit_pipelines.pipelines.fewshot import nodes
 
 def create_pipeline(**kwargs) -> Pipeline:
     """One namespace per downstream dataset (`fewshot.<name>`), then one report over all of them."""
-    select = node(nodes.select_model, ["pretrained_model", "params:fewshot"], "fewshot_model",
-                  name="select_fewshot_model")  # fmt: skip
+    select = node(
+        nodes.select_model,
+        ["pretrained_model", "params:fewshot"],
+        "fewshot_model",
+        name="select_fewshot_model",
+    )
     evaluate = node(
         nodes.evaluate_dataset,
         inputs=["fewshot_model", "train_raw", "test_raw", "params:fewshot"],

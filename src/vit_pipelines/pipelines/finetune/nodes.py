@@ -38,8 +38,13 @@ def cache_splits(
     for split, raw in (("train", train_raw), ("test", test_raw)):
         cache, report = cache_images(raw, params["pp_cache"])
         if report["skipped"]:
-            log.warning("skipped %s of %d %s images: %s", sum(report["skipped"].values()), len(raw), split,
-                        report["skipped"])  # fmt: skip
+            log.warning(
+                "skipped %s of %d %s images: %s",
+                sum(report["skipped"].values()),
+                len(raw),
+                split,
+                report["skipped"],
+            )
         caches.append(cache)
     return caches[0], caches[1]
 
@@ -62,9 +67,14 @@ def sweep_learning_rates(
         TrainConfig.from_params({**params["train"], "lr": lr, "ema_decay": None}) for lr in params["lr_grid"]
     ]
     scores = dev_accuracies(
-        _model(pretrained, train_cache, params), train_cache, dev, configs, params["eval"]["pp"],
-        params["eval"]["batch_size"], params.get("checkpoint_dir"),
-    )  # fmt: skip
+        _model(pretrained, train_cache, params),
+        train_cache,
+        dev,
+        configs,
+        params["eval"]["pp"],
+        params["eval"]["batch_size"],
+        params.get("checkpoint_dir"),
+    )
     log.info("dev accuracy per learning rate: %s", ", ".join(f"{lr:g}: {a:.3f}" for lr, a in scores.items()))
     return {"dev_accuracy": scores, "dev_train_images": len(train_cache), "dev_images": len(dev)}
 
@@ -82,9 +92,14 @@ def finetune_best(
     config = TrainConfig.from_params({**params["train"], "lr": lr})
     model = _model(pretrained, train_cache, params)
     run, scores = finetune_and_test(
-        model, train_cache, test_cache, config, params["eval"]["pp"], params["eval"]["batch_size"],
+        model,
+        train_cache,
+        test_cache,
+        config,
+        params["eval"]["pp"],
+        params["eval"]["batch_size"],
         params.get("checkpoint_dir"),
-    )  # fmt: skip
+    )
     log.info(
         "lr %g: test accuracy %.4f raw, %s EMA", lr, scores["test_accuracy"], scores["test_accuracy_ema"]
     )

@@ -129,12 +129,21 @@ def pretrain(
         return fewshot_accuracies(net, sets, probe["pp"], probe["shots"], probe["seeds"], probe["l2_reg"])
 
     evaluators = {"minival_accuracy": minival_accuracy} | ({"fewshot": fewshot} if sets else {})
-    log.info("pretraining %s (%.1fM parameters) for %d steps", model.config.variant,
-             sum(p.numel() for p in model.parameters()) / 1e6, config.steps)  # fmt: skip
+    log.info(
+        "pretraining %s (%.1fM parameters) for %d steps",
+        model.config.variant,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        config.steps,
+    )
     result = train(
-        model, train_cache, config, checkpoint_dir=params.get("checkpoint_dir"),
-        evaluators=evaluators, description="pretrain", objective=objective,
-    )  # fmt: skip
+        model,
+        train_cache,
+        config,
+        checkpoint_dir=params.get("checkpoint_dir"),
+        evaluators=evaluators,
+        description="pretrain",
+        objective=objective,
+    )
     label = train_cache.features.get("label")
     if config.objective != "masked_patch" and isinstance(label, datasets.ClassLabel):
         result.model.class_names = label.names  # saved beside the weights as labels.json

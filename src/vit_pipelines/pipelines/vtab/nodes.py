@@ -46,12 +46,16 @@ def _raw_splits(task: Task, params: dict[str, Any]) -> dict[str, datasets.Datase
         if split is None:
             return None
         return load_image_dataset(
-            task.source, split, image_column=task.image_column, label_column=task.label_column,
+            task.source,
+            split,
+            image_column=task.image_column,
+            label_column=task.label_column,
             limit=params.get("test_limit") if split == task.test_split else None,
-        )  # fmt: skip
+        )
 
-    raw = vtab_splits(load(task.train_split), load(task.val_split), params["seed"], params["train_size"],
-                      params["val_size"])  # fmt: skip
+    raw = vtab_splits(
+        load(task.train_split), load(task.val_split), params["seed"], params["train_size"], params["val_size"]
+    )
     return {**raw, "test": load(task.test_split)}
 
 
@@ -155,8 +159,12 @@ def report(
     """`vtab_results.json` (per task: group, chosen setting, val200 of every setting, test accuracy; per group
     mean; overall mean) and the per-group bar plot."""
     summary = summarise(results)
-    log.info("VTAB mean test accuracy %s over %d tasks; per group %s", summary["mean"],
-             len(summary["finished"]), summary["group_mean"])  # fmt: skip
+    log.info(
+        "VTAB mean test accuracy %s over %d tasks; per group %s",
+        summary["mean"],
+        len(summary["finished"]),
+        summary["group_mean"],
+    )
     metrics = {
         "tasks": results,
         **summary,

@@ -15,8 +15,12 @@ def create_pipeline(**kwargs) -> Pipeline:
     """A sweep per task (namespace `vtab.<task>`), one setting chosen over all tasks, a final run per task,
     one report."""
     tasks = vtab_tasks()
-    select = node(nodes.select_model, ["pretrained_model", "params:vtab"], "vtab_pretrained_model",
-                  name="select_vtab_model")  # fmt: skip
+    select = node(
+        nodes.select_model,
+        ["pretrained_model", "params:vtab"],
+        "vtab_pretrained_model",
+        name="select_vtab_model",
+    )
     sweeps = [
         pipeline(
             [
@@ -26,7 +30,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "sweep",
                     name="sweep_settings",
                 )
-            ],  # fmt: skip
+            ],
             namespace=f"vtab.{task}",
             inputs={"vtab_pretrained_model"},
             parameters={"params:vtab"},
@@ -48,7 +52,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "result",
                     name="train_and_test",
                 )
-            ],  # fmt: skip
+            ],
             namespace=f"vtab.{task}",
             inputs={"vtab_pretrained_model", "vtab_chosen_setting"},
             parameters={"params:vtab"},
@@ -61,7 +65,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             "params": "params:vtab",
             "choice": "vtab_chosen_setting",
             **{task: f"vtab.{task}.result" for task in tasks},
-        },  # fmt: skip
+        },
         outputs=["vtab_results", "vtab_plot"],
         name="report_vtab",
     )
