@@ -22,7 +22,7 @@ import vit_pipelines.kedro_io as kedro_io
 from vit_pipelines.data.cache import check_class_ids, classes_of
 from vit_pipelines.data.sources import load_image_dataset
 from vit_pipelines.evaluation.vtab import Task
-from vit_pipelines.hooks import base_parameters, check_known_keys
+from vit_pipelines.hooks import base_parameters, check_group_settings, check_known_keys
 from vit_pipelines.locks import FolderLockedError, RunLock
 from vit_pipelines.models import VisionTransformer, ViTConfig, load_pretrained
 from vit_pipelines.models.fused_cpu import build_folder, wait_for_build_lock
@@ -124,6 +124,36 @@ def test_a_kernel_build_lock_left_by_a_killed_build_is_named_not_waited_on(tmp_p
     threading.Timer(0.5, lock.unlink).start()
     wait_for_build_lock(folder, poll=0.1)
     assert not lock.exists()
+
+
+@pytest.mark.parametrize(
+    ("group", "override", "message"),
+    [
+        ("dedup", {"threshold": 2}, r"dedup.threshold is a cosine or correlation in \[-1, 1\], got 2"),
+        ("dedup", {"batch_size": 0}, "dedup.batch_size must be a whole number >= 1, got 0"),
+        ("dedup", {"stage1": "hnsw"}, "dedup.stage1 must be auto, exact or ivf, got 'hnsw'"),
+        ("fewshot", {"shots": [0, 5]}, r"fewshot.shots must be a list of whole numbers >= 1, got \[0, 5\]"),
+        ("fewshot", {"l2_reg": 0}, "l2_reg and l2_grid values must be > 0"),
+        (
+            "fewshot",
+            {"max_train_per_class": 10},
+            "max_train_per_class must be null or >= the most shots \\(25\\)",
+        ),
+        (
+            "pretrain",
+            {"fewshot": {"enabled": True, "shots": [5], "seeds": 0}},
+            "pretrain.fewshot.seeds must be",
+        ),
+    ],
+)
+def test_dedup_and_fewshot_settings_are_range_checked_up_front(group, override, message):
+    base = base_parameters(Path(__file__).parents[1] / "conf")[group]
+    settings = {**base, **override}
+    if group == "pretrain":
+        settings["fewshot"] = {**base["fewshot"], **override["fewshot"]}
+    with pytest.raises(ValueError, match=message):
+        check_group_settings(group, settings)
+    check_group_settings(group, base)  # the shipped settings pass
 
 
 def test_misspelt_nested_parameters_are_refused_with_the_keys_that_exist():

@@ -242,6 +242,7 @@ def test_bad_training_parameters_fail_before_any_work(tmp_path):
         ),
         ("pretrain.train.stpes=5", "unknown parameters ['pretrain.train.stpes']; known here: ["),
         ("pretrain.data.minival_fractoin=0.2", "unknown parameters ['pretrain.data.minival_fractoin']"),
+        ("dedup.threshold=2", "dedup.threshold is a cosine or correlation in [-1, 1], got 2"),
     ):
         result = subprocess.run(
             ["kedro", "run", "--env", "tiny", "--pipeline", "pretrain", "--params", override], cwd=project,

@@ -12,6 +12,8 @@ import yaml
 from kedro.framework.hooks import hook_impl
 from kedro.pipeline import Pipeline
 
+from vit_pipelines.dedup import DedupConfig
+from vit_pipelines.evaluation.fewshot import check_fewshot_params
 from vit_pipelines.locks import RunLock
 from vit_pipelines.models.config import ViTConfig
 from vit_pipelines.pipelines.downstream import use_run_globals
@@ -94,6 +96,19 @@ def training_configs(group: str, params: dict[str, Any]) -> list[dict[str, Any]]
     return [train]
 
 
+def check_group_settings(group: str, params: dict[str, Any]) -> None:
+    """The settings of de-dup and of the few-shot probes, range-checked as the training settings are."""
+    if group == "dedup":
+        DedupConfig.from_params(
+            {**params, "num_proc": 1 if params.get("num_proc") == "auto" else params.get("num_proc", 1)}
+        )
+    probes = {"fewshot": params} if group == "fewshot" else {}
+    if group == "pretrain" and (params.get("fewshot") or {}).get("enabled"):
+        probes["pretrain.fewshot"] = params["fewshot"]
+    for where, values in probes.items():
+        check_fewshot_params(values, where)
+
+
 class UseRunGlobals:
     """Pipelines are built from the globals the session's config loader resolved (`base` + the run's
     environment), so what `kedro run --env X` reads is what the pipeline code reads."""
@@ -128,6 +143,7 @@ class CheckParameters:
                         TrainConfig.from_params(values)
                     except (TypeError, ValueError) as err:
                         raise ValueError(f"{group}.train: {err}") from err
+                check_group_settings(group, catalog.load(name))
 
 
 class OneRunPerDataFolder:

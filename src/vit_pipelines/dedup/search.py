@@ -50,6 +50,19 @@ class DedupConfig:
     stage1: str = "auto"  # stage 1: exact, ivf (faiss inverted file), auto: ivf from `IVF_FROM` references
     nprobe: int = 32  # stage 1, ivf: lists scanned per query
 
+    def __post_init__(self) -> None:
+        for name in ("threshold", "colour_threshold", "candidate_threshold"):
+            if not -1.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(
+                    f"dedup.{name} is a cosine or correlation in [-1, 1], got {getattr(self, name)}"
+                )
+        for name in ("max_candidates", "batch_size", "num_proc", "nprobe"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"dedup.{name} must be a whole number >= 1, got {value!r}")
+        if self.stage1 not in ("auto", "exact", "ivf"):
+            raise ValueError(f"dedup.stage1 must be auto, exact or ivf, got {self.stage1!r}")
+
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> DedupConfig:
         """The known keys of `params` (others, such as the pipeline's, are ignored)."""

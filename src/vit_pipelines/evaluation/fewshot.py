@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import datasets
 import numpy as np
@@ -250,6 +251,27 @@ def sample_shots(labels: np.ndarray, shots: int, seed: int) -> np.ndarray:
             raise ValueError(f"class {c} has {len(members)} training examples, fewer than {shots} shots")
         picked.append(rng.permutation(members)[:shots])
     return np.sort(np.concatenate(picked))
+
+
+def check_fewshot_params(params: dict[str, Any], where: str) -> None:
+    """The probe's settings in range: shots and seeds whole numbers >= 1, λ > 0, a pool of >= max(shots)."""
+
+    def whole(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+    shots = params.get("shots", [])
+    if not isinstance(shots, list) or not shots or not all(whole(k) for k in shots):
+        raise ValueError(f"{where}.shots must be a list of whole numbers >= 1, got {shots!r}")
+    if not whole(params.get("seeds", 1)):
+        raise ValueError(f"{where}.seeds must be a whole number >= 1, got {params.get('seeds')!r}")
+    grid = params.get("l2_grid") or [params.get("l2_reg", 1.0)]
+    if not all(isinstance(lam, int | float) and not isinstance(lam, bool) and lam > 0 for lam in grid):
+        raise ValueError(f"{where}: l2_reg and l2_grid values must be > 0, got {grid!r}")
+    pool = params.get("max_train_per_class")
+    if pool is not None and (not whole(pool) or pool < max(shots)):
+        raise ValueError(
+            f"{where}.max_train_per_class must be null or >= the most shots ({max(shots)}), got {pool!r}"
+        )
 
 
 def fewshot_pool(labels: np.ndarray, per_class: int | None, seed: int = 0) -> np.ndarray:
