@@ -156,6 +156,18 @@ def test_dedup_and_fewshot_settings_are_range_checked_up_front(group, override, 
     check_group_settings(group, base)  # the shipped settings pass
 
 
+def test_an_unknown_pipeline_name_lists_the_pipelines():
+    from vit_pipelines.cli import check_pipeline_name
+
+    with pytest.raises(
+        ValueError,
+        match=r"there is no pipeline 'pretrian': did you mean 'pretrain'\? the pipelines are analysis, ",
+    ):
+        check_pipeline_name("pretrian")
+    for name in ("pretrain", "vtab", "__default__", None):
+        check_pipeline_name(name)
+
+
 def test_misspelt_nested_parameters_are_refused_with_the_keys_that_exist():
     known = base_parameters(Path(__file__).resolve().parents[1] / "conf")
     check_known_keys(known, known, "")  # the base configuration itself

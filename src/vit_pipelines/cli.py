@@ -4,6 +4,7 @@ bug, an error inside a library) keeps Kedro's traceback."""
 
 from __future__ import annotations
 
+import difflib
 import sys
 import traceback
 from pathlib import Path
@@ -27,6 +28,8 @@ def cli() -> None:
 @cli.command("run", params=kedro_run.params, help=kedro_run.help)
 def run(**kwargs) -> None:
     try:
+        for name in [kwargs.get("pipeline"), *(kwargs.get("pipelines") or [])]:
+            check_pipeline_name(name)
         kedro_run.callback(**kwargs)
     except REFUSALS as err:
         if not refused_by_project(err):
@@ -36,6 +39,17 @@ def run(**kwargs) -> None:
         click.secho(f"Error: {' '.join(str(err).split())}", err=True, fg="red")
         click.echo(f"(full traceback: {ERROR_LOG})", err=True)
         sys.exit(1)
+
+
+def check_pipeline_name(name: str | None) -> None:
+    """A pipeline is a folder of `pipelines/` (or `__default__`): an unknown name is refused with the known
+    ones, instead of the import error Kedro's registry raises for it."""
+    known = sorted(p.name for p in Path(_PACKAGE, "pipelines").iterdir() if (p / "pipeline.py").exists())
+    if name is None or name == "__default__" or name in known:
+        return
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    raise ValueError(f"there is no pipeline '{name}': {hint}the pipelines are {', '.join(known)}")
 
 
 def refused_by_project(err: BaseException) -> bool:
