@@ -99,9 +99,7 @@ def training_configs(group: str, params: dict[str, Any]) -> list[dict[str, Any]]
 def check_group_settings(group: str, params: dict[str, Any]) -> None:
     """The settings of de-dup and of the few-shot probes, range-checked as the training settings are."""
     if group == "dedup":
-        DedupConfig.from_params(
-            {**params, "num_proc": 1 if params.get("num_proc") == "auto" else params.get("num_proc", 1)}
-        )
+        DedupConfig.from_params(params)
     probes = {"fewshot": params} if group == "fewshot" else {}
     if group == "pretrain" and (params.get("fewshot") or {}).get("enabled"):
         probes["pretrain.fewshot"] = params["fewshot"]

@@ -22,6 +22,7 @@ import PIL.Image
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
+from vit_pipelines.data.cache import resolve_num_proc
 from vit_pipelines.data.ops import BadImageError
 from vit_pipelines.data.streaming import StreamedImages
 from vit_pipelines.dedup.fingerprint import CANONICAL, canonical
@@ -64,9 +65,13 @@ class DedupConfig:
             raise ValueError(f"dedup.stage1 must be auto, exact or ivf, got {self.stage1!r}")
 
     @classmethod
-    def from_params(cls, params: dict[str, Any]) -> DedupConfig:
-        """The known keys of `params` (others, such as the pipeline's, are ignored)."""
-        return cls(**{k: v for k, v in params.items() if k in cls.__dataclass_fields__ and v is not None})
+    def from_params(cls, params: dict[str, Any], processes: int = 1) -> DedupConfig:
+        """The known keys of `params` (others, such as the pipeline's, are ignored); `num_proc: auto` shares
+        the cores among `processes` ranks."""
+        values = {k: v for k, v in params.items() if k in cls.__dataclass_fields__ and v is not None}
+        if values.get("num_proc") == "auto":
+            values["num_proc"] = resolve_num_proc("auto", processes)
+        return cls(**values)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,6 @@ from accelerate.utils import gather_object
 from PIL import ImageOps
 
 from vit_pipelines.data import embedded
-from vit_pipelines.data.cache import resolve_num_proc
 from vit_pipelines.data.ops import open_image
 from vit_pipelines.dedup import DedupConfig, build_index, join_references, search
 from vit_pipelines.dedup.plots import plot_pairs
@@ -37,9 +36,7 @@ def find_duplicates(
     {"pretrain": {reason: [row, ...]}}, "queries_per_rank", "seconds"}`. Under `accelerate launch` each rank
     searches its share of the pretraining images."""
     state = process_state()
-    config = DedupConfig.from_params(
-        {**params, "num_proc": resolve_num_proc(params.get("num_proc", "auto"), state.num_processes)}
-    )
+    config = DedupConfig.from_params(params, state.num_processes)
     for name, test in test_sets.items():
         if len(test) == 0:
             raise ValueError(f"downstream.{name}.test is empty: there is nothing to de-duplicate it against")
@@ -115,7 +112,7 @@ def report_duplicates(pretrain: datasets.Dataset, duplicates: dict, params: dict
         },
         "unreadable": duplicates["unreadable"],
         "unreadable_examples": duplicates.get("unreadable_examples", {}),
-        "config": asdict(DedupConfig.from_params(params)),
+        "config": asdict(DedupConfig.from_params(params, process_state().num_processes)),
         "queries_per_rank": duplicates.get("queries_per_rank", [duplicates["pretrain_images"]]),
         "seconds": duplicates["seconds"],
         "images_per_second": round(duplicates["pretrain_images"] / max(duplicates["seconds"], 1e-9), 1),
