@@ -151,7 +151,7 @@ def load_pretrained(
         config, state = _from_timm(tensors, num_heads)
     else:
         config, state = _from_big_vision(tensors)
-    return _reconcile(config, state, image_size, num_classes, resize_method, features_only)
+    return reconcile(config, state, image_size, num_classes, resize_method, features_only)
 
 
 def export_hf(model: VisionTransformer, folder: str | Path) -> None:
@@ -448,7 +448,7 @@ def _resnet_stem(state: Tensors) -> tuple[str | None, int]:
         return names[0], resnet_stem_from_name(names[0]).reduction
 
 
-def _reconcile(
+def reconcile(
     config: ViTConfig,
     state: Tensors,
     image_size: int | tuple[int, int] | None,
@@ -456,7 +456,9 @@ def _reconcile(
     resize_method: str,
     features_only: bool = False,
 ) -> VisionTransformer:
-    """vit_jax's surgery: posemb resized to `image_size`, head replaced for `num_classes`; then a strict load."""
+    """vit_jax's surgery on a `config` and its `state` dict: posemb resized to `image_size`, head replaced for
+    `num_classes` (a `config` with `num_classes` 0 has none); then a strict load. The last step of
+    `load_pretrained`, and `surgery.for_finetuning`'s for a model in memory."""
     if image_size is not None:
         target = config.replace(image_size=image_size)
         state = _resize_posemb(state, config, target.grid_size, resize_method)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vit_pipelines.models.checkpoints import _reconcile
+from vit_pipelines.models.checkpoints import reconcile
 from vit_pipelines.models.vit import VisionTransformer
 
 
@@ -17,4 +17,4 @@ def for_finetuning(
     pre-logits layer dropped. `model` itself is left untouched."""
     # num_classes=0 reads as "no head", so a fresh head is put even when K equals the pretraining one
     headless = model.config.replace(num_classes=0)
-    return _reconcile(headless, model.state_dict(), image_size, num_classes, resize_method)
+    return reconcile(headless, model.state_dict(), image_size, num_classes, resize_method)
