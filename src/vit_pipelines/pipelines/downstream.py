@@ -33,14 +33,11 @@ def run_globals(conf_source: str | Path = "conf", env: str | None = None) -> dic
         return _SESSION["globals"]
     if not (Path(conf_source) / "base").is_dir():
         return {}
-    loader = OmegaConfigLoader(
-        str(conf_source),
-        env=env,
-        base_env="base",
-        default_run_env="local",
-        merge_strategy={"globals": "soft"},
-    )
-    return dict(loader["globals"])
+    from vit_pipelines.settings import (
+        CONFIG_LOADER_ARGS,
+    )  # here: settings imports the hooks, which import this
+
+    return dict(OmegaConfigLoader(str(conf_source), env=env, **CONFIG_LOADER_ARGS)["globals"])
 
 
 def _names_from_globals(key: str, default: list[str], conf_source: str | Path, env: str | None) -> list[str]:
