@@ -135,7 +135,7 @@ class CandidateSearch:
 
     def _exact(self, both: np.ndarray, threshold: float, chunk: int) -> list[tuple]:
         queries, boxes = len(both) // 2, len(STAGE1_BOXES)
-        refs_per_chunk = max(1, chunk // (2 * boxes * max(1, len(both))))
+        refs_per_chunk = max(1, chunk // (boxes * max(1, len(both))))  # both: 2 orientations per query
         found = []
         for start in range(0, self.references, refs_per_chunk):
             block = self.vectors[start * boxes : (start + refs_per_chunk) * boxes].astype(np.float32)
