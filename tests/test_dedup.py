@@ -10,7 +10,7 @@ from collections import Counter
 import datasets
 import numpy as np
 import pytest
-from dedup_benchmark import TRANSFORMS, combined, distractors, originals
+from dedup_benchmark import TRANSFORMS, _draw, combined, distractors, originals
 from PIL import Image
 
 from vit_pipelines.data import embedded
@@ -18,50 +18,76 @@ from vit_pipelines.dedup import DedupConfig, ReferenceIndex, build_index, find_n
 from vit_pipelines.dedup.fingerprint import canonical
 from vit_pipelines.dedup.index import Queries
 
-MIN_RECALL = 0.98
-MAX_FALSE_POSITIVE_RATE = 0.001  # reported (query, reference) pairs that are not copies, over all such pairs
+MIN_RECALL = 0.99  # of all copies; of each family's: MIN_FAMILY_RECALL
+MIN_FAMILY_RECALL = 0.98
+MIN_KIND_RECALL = 0.95  # of each kind's copies: the smallest kinds have 36-55, where one miss costs 2-3%
+MAX_FALSE_PAIR_RATE = 1e-4  # reported (query, reference) pairs that are not copies, over all such pairs
 COPIES_PER_ORIGINAL = {"combined": 2}  # every other family: 1
 
 
 @pytest.fixture(scope="module")
 def benchmark_run() -> dict:
     """Queries: every transformation family applied to every original, then the distractors as they are and
-    transformed. References: the originals. Truth: the original each query copies, or -1."""
+    transformed. References: the originals. Truth: the original each query copies, or -1; kind: the group of
+    the original or distractor."""
     rng = np.random.default_rng(0)
     refs = originals()
-    queries, truth, family = [], [], []
-    for i, (_, image) in enumerate(refs):
+    queries, truth, family, kind = [], [], [], []
+    for i, (group, image) in enumerate(refs):
         for name, transform in TRANSFORMS.items():
             for _ in range(COPIES_PER_ORIGINAL.get(name, 1)):
                 queries.append(transform(image, rng))
                 truth.append(i)
                 family.append(name)
-    for _, image in distractors():
+                kind.append(group)
+    for group, image in distractors():
         queries += [image, combined(image, rng)]
         truth += [-1, -1]
         family += ["distractor", "distractor"]
+        kind += [group, group]
     found = find_near_duplicates(queries, [image for _, image in refs])
-    return {"found": found, "truth": np.array(truth), "family": np.array(family), "references": len(refs)}
+    return {
+        "found": found,
+        "truth": np.array(truth),
+        "family": np.array(family),
+        "kind": np.array(kind),
+        "references": len(refs),
+    }
 
 
-def test_recall_and_false_positive_rate_per_transformation(benchmark_run):
-    truth, family, refs = benchmark_run["truth"], benchmark_run["family"], benchmark_run["references"]
-    correct = Counter(family[q] for q, r, _ in benchmark_run["found"] if truth[q] == r)
-    wrong = Counter(family[q] for q, r, _ in benchmark_run["found"] if truth[q] != r)
-    print(f"\n{'family':<12} {'queries':>7} {'recall':>7} {'false pairs':>11} {'FPR':>9}")
-    for name in [*TRANSFORMS, "distractor"]:
-        n = int((family == name).sum())
-        n_copies = int(((family == name) & (truth >= 0)).sum())
-        recall = correct[name] / n_copies if n_copies else float("nan")
-        fpr = wrong[name] / (n * refs - n_copies)
-        print(f"{name:<12} {n:>7} {recall:>7.3f} {wrong[name]:>11} {fpr:>9.2e}")
-        if n_copies:
-            assert recall >= MIN_RECALL, name
-        assert fpr <= MAX_FALSE_POSITIVE_RATE, name
-    total_fpr = sum(wrong.values()) / (len(truth) * refs - int((truth >= 0).sum()))
-    print(f"{'all':<12} {len(truth):>7} {sum(correct.values()) / (truth >= 0).sum():>7.3f} "
-          f"{sum(wrong.values()):>11} {total_fpr:>9.2e}")  # fmt: skip
-    assert total_fpr <= MAX_FALSE_POSITIVE_RATE
+def _table(run: dict, column: str, names: list[str]) -> dict[str, tuple[int, float, int, float]]:
+    """Per name of `column`: (queries, recall, false pairs, false-pair rate), printed as a table."""
+    truth, refs, labels = run["truth"], run["references"], run[column]
+    correct = Counter(labels[q] for q, r, _ in run["found"] if truth[q] == r)
+    wrong = Counter(labels[q] for q, r, _ in run["found"] if truth[q] != r)
+    rows = {}
+    print(f"\n{column:<12} {'queries':>7} {'recall':>7} {'false pairs':>11} {'rate':>9}")
+    for name in [*names, "all"]:
+        selected = np.ones_like(truth, bool) if name == "all" else labels == name
+        n, copies = int(selected.sum()), int((selected & (truth >= 0)).sum())
+        hits = sum(correct.values()) if name == "all" else correct[name]
+        false = sum(wrong.values()) if name == "all" else wrong[name]
+        rows[name] = (n, hits / copies if copies else float("nan"), false, false / (n * refs - copies))
+        print(f"{name:<12} {n:>7} {rows[name][1]:>7.3f} {false:>11} {rows[name][3]:>9.2e}")
+    return rows
+
+
+def test_recall_and_false_pair_rate_per_transformation(benchmark_run):
+    rows = _table(benchmark_run, "family", [*TRANSFORMS, "distractor"])
+    for name, (_, recall, _, rate) in rows.items():
+        assert np.isnan(recall) or recall >= MIN_FAMILY_RECALL, name
+        assert rate <= MAX_FALSE_PAIR_RATE, name
+    assert rows["all"][1] >= MIN_RECALL
+
+
+def test_recall_and_false_pair_rate_per_kind_of_image(benchmark_run):
+    """Hard negatives of every kind: same-template objects, disc counts, mirrored edge tiles of round photos,
+    skies, star fields, crops of one photo or texture, same-class digits, faces."""
+    rows = _table(benchmark_run, "kind", sorted(set(benchmark_run["kind"])))
+    for name, (_, recall, _, rate) in rows.items():
+        assert np.isnan(recall) or recall >= MIN_KIND_RECALL, name
+        assert rate <= MAX_FALSE_PAIR_RATE, name
+    assert rows["all"][1] >= MIN_RECALL
 
 
 def test_inverted_file_search_finds_the_same_copies(benchmark_run):
@@ -108,11 +134,37 @@ def test_reference_decoding_in_worker_processes_gives_the_same_index():
     np.testing.assert_array_equal(one.stage1.vectors, two.stage1.vectors)
 
 
-def test_hard_negatives_are_not_copies():
-    """Distinct crops of one photo, same-class digits drawn identically, crops of one texture, faces."""
+@pytest.mark.parametrize("kind", sorted({group for group, _ in distractors()}))
+def test_hard_negatives_are_not_copies(kind):
+    """Each kind's distractors, as they are, match no original: another shape, colour or place of one
+    template, a disc moved or one fewer, the opposite tile of a round photo mirrored, another sky or part of
+    the star field, other crops of one photo or texture, other digits of one class, other faces."""
     refs = originals()
-    found = find_near_duplicates([image for _, image in distractors()], [image for _, image in refs])
-    assert found == []
+    negatives = [image for group, image in distractors() if group == kind]
+    assert find_near_duplicates(negatives, [image for _, image in refs]) == []
+
+
+def test_the_copy_model_refuses_look_alikes_that_stage_2_accepts():
+    """A square where a disc was, and a disc of another colour, on the same background: both pass stage 2;
+    the copy model refuses them for their shape and colour, and keeps a copy of the disc."""
+    paper, ink = (200, 220, 90), (30, 90, 40)
+    disc, square, recoloured = (Image.new("RGB", (96, 96), paper) for _ in range(3))
+    _draw(disc, "disc", (0.4, 0.6), 0.1, ink)
+    _draw(square, "square", (0.4, 0.6), 0.1, ink)
+    _draw(recoloured, "disc", (0.4, 0.6), 0.1, (130, 40, 45))
+    copy = combined(disc, np.random.default_rng(1))
+    index, _ = build_index([disc])
+    loose = search([square, recoloured, copy], index, DedupConfig(copy_model=False), progress=False)
+    strict = search([square, recoloured, copy], index, DedupConfig(), progress=False)
+    assert [m.query for m in loose.matches] == [0, 1, 2]
+    assert [m.query for m in strict.matches] == [2]
+    failures = {}
+    for query in (square, recoloured):
+        queries = Queries.from_canonical(canonical(query)[None])
+        candidate = index.candidates(queries, 0.75, 1)[0]
+        evidence = index.evidence(queries, candidate, index.verify(queries, candidate, 0.93).frame)
+        failures[query is square] = evidence.failures()
+    assert "shape" in failures[True] and {"hue", "colour_residual"} & set(failures[False])
 
 
 def test_scores_are_correlations_and_the_threshold_applies(benchmark_run):
@@ -125,28 +177,32 @@ def test_scores_are_correlations_and_the_threshold_applies(benchmark_run):
     assert find_near_duplicates([image], [image]) == [(0, 0, pytest.approx(1.0, abs=1e-4))]
 
 
-def test_embedded_default_leaks_are_all_found():
-    """All leaked copies are found, each matched to a test image of its own set (counting and digits have
-    near-twins, so not always the very image it copies). The only other removals are the known
-    ambiguity of the embedded default: one small object on a plain background (`position_*`) in the same place
-    as the lone disc of a `counting` test image, which colour and shape barely tell apart at 64 pixels."""
-    num_images = 2_000
+def test_embedded_default_leaks_are_all_found_and_few_look_alikes():
+    """On the whole embedded default, all leaked copies are found, each matched to the very test image it
+    copies, and at most 6 other images are removed: one small disc on a plain background in the place, size
+    and colours of a `counting` test image's lone disc."""
+    num_images = embedded.DEFAULT_PRETRAIN_IMAGES
     pretrain = embedded.build_pretrain(num_images=num_images)
     tests = {name: embedded.build_downstream(name)["test"] for name in embedded.DOWNSTREAM_NAMES}
     offsets = dict(zip(tests, np.cumsum([0] + [len(t) for t in tests.values()]), strict=False))
     references = datasets.concatenate_datasets([t.select_columns(["image"]) for t in tests.values()])
-    found = {q: r for q, r, _ in find_near_duplicates(pretrain, references)}
+    index = build_index(references)[0]
+    found = {m.query: m for m in search(pretrain, index, DedupConfig(num_proc=2), progress=False).matches}
     leaks = {leak["pretrain_index"]: leak for leak in embedded.leaked_copies(num_images)}
     expected = {q: offsets[leak["downstream"]] + leak["test_index"] for q, leak in leaks.items()}
-    others = {q: r for q, r in found.items() if q not in expected}
+    others = {q: m for q, m in found.items() if q not in expected}
     classes = [embedded.PRETRAIN_CLASS_NAMES[label] for label in embedded.pretrain_labels(num_images)]
-    exact = sum(found.get(q) == r for q, r in expected.items())
-    print(f"\n{len(expected)} leaked copies, {len(set(expected) & set(found))} found ({exact} to the image "
-          f"copied); {len(others)} others removed of {num_images}:", sorted(classes[q] for q in others))  # fmt: skip
-    owner = {q: next(name for name in reversed(tests) if offsets[name] <= r) for q, r in found.items()}
-    assert all(owner.get(q) == leak["downstream"] for q, leak in leaks.items())
-    assert all(classes[q].startswith("position_") and r >= offsets["counting"] for q, r in others.items())
-    assert len(others) <= 0.005 * num_images
+    print(
+        f"\n{len(expected)} leaked copies, {len(set(expected) & set(found))} found; {len(others)} others of "
+        f"{num_images}:",
+        [(q, classes[q], round(m.score, 3)) for q, m in others.items()],
+    )
+    assert {q: found[q].reference for q in expected if q in found} == expected
+    assert all(
+        classes[q].startswith("position_") and m.reference >= offsets["counting"] for q, m in others.items()
+    )
+    assert len(others) <= 6 and not any(m.certain for m in others.values())  # low detail: borderline
+    assert sum(found[q].certain for q in expected) >= 45
 
 
 def test_bad_input_is_refused_or_skipped(monkeypatch):

@@ -45,6 +45,13 @@ def test_tiny_dedup_removes_the_leaked_test_copies(project):
     assert {leak["pretrain_index"] for leak in leaks} <= removed and len(removed) == report["removed"]
     matches = json.loads((out / "02_intermediate" / "dedup_matches.json").read_text())["matches"]
     assert {m["pretrain_index"] for m in matches} == removed  # a filter over the source, not a copy of it
+    assert sum(report["bands"].values()) == report["removed"] == len(matches)
+    assert {m["band"] for m in matches} <= {"certain", "borderline"} and all(
+        m["shape"] > 0.9 for m in matches
+    )
+    lowest = report["lowest_scores"]
+    assert [m["score"] for m in lowest] == sorted(m["score"] for m in matches)[: len(lowest)]
+    assert report["known_leaks"]["removals_that_are_leaks"] == f"3 of {report['removed']}"
     with PIL.Image.open(out / "08_reporting" / "dedup_pairs.png") as pairs:
         assert pairs.size[0] > 600
 

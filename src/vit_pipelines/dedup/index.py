@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from vit_pipelines.dedup.copymodel import CopyEvidence, copy_evidence
 from vit_pipelines.dedup.fingerprint import FLIP_SIGNS, Span, dct_descriptors, detail_views, patterns, view
 
 CENTRAL = 0.84  # side of a query's compared central box; a border of up to 8% of the side falls outside it
@@ -53,6 +54,13 @@ IVF_FROM = 10_000  # references from which `stage1: auto` searches an inverted-f
 
 
 @dataclass(frozen=True)
+class Verdict:
+    score: float  # stage-2 band-passed luminance correlation (-1..1)
+    colour: float  # stage-2 colour agreement
+    frame: np.ndarray  # [4] (cx, cy, sx, sy): where the query's frame sits in the reference
+
+
+@dataclass(frozen=True)
 class Candidate:
     query: int  # position in the batch
     reference: int  # position in the index
@@ -73,8 +81,9 @@ def colour_pattern(chroma: np.ndarray, box: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Queries:
-    """What both stages need of a batch of canonical queries [B, 3, C, C]."""
+    """What every stage needs of a batch of canonical queries [B, 3, C, C]."""
 
+    planes: np.ndarray  # [B, 3, C, C] the canonical squares, for the copy model
     descriptors: np.ndarray  # [B, 63] central-box DCT descriptors
     detail: np.ndarray  # [B, 2, DETAIL_GRID²] band-passed central-box patterns, upright and mirrored
     colour: np.ndarray  # [B, 2, 4 * COLOUR_GRID²] central-box `colour_pattern`, upright and mirrored
@@ -85,6 +94,7 @@ class Queries:
         detail = detail_views(luma, [_CENTRAL], [_CENTRAL], DETAIL_GRID, DETAIL_SIGMAS)[:, 0, 0]  # [B, g, g]
         mirrored = chroma[..., ::-1]  # the central box is symmetric: mirroring the image mirrors the box
         return cls(
+            planes=canonical,
             descriptors=dct_descriptors(luma, _CENTRAL_BOX[None])[:, 0],
             detail=_detail_patterns(np.stack([detail, detail[..., ::-1]], axis=1)),
             colour=np.stack(
@@ -262,13 +272,13 @@ class ReferenceIndex:
             )
         ]
 
-    def verify(self, queries: Queries, candidate: Candidate, colour_threshold: float) -> tuple[float, float]:
-        """Stage 2: (score, colour agreement). The score is 0 for a blank query or when the colours disagree
-        (the luminance search is then skipped); else the best correlation found by the search."""
+    def verify(self, queries: Queries, candidate: Candidate, colour_threshold: float) -> Verdict:
+        """Stage 2: the score is 0 for a blank query or when the colours disagree (the luminance search is then
+        skipped); else the best correlation found by the search, at the returned frame."""
         pattern = queries.detail[candidate.query, int(candidate.flip)]
         colour = self.colour_agreement(queries.colour[candidate.query, int(candidate.flip)], candidate)
         if not pattern.any() or colour < colour_threshold:
-            return 0.0, colour
+            return Verdict(0.0, colour, candidate.box / np.array([1, 1, CENTRAL, CENTRAL], np.float32))
         luma = self.luma(candidate.reference)
         x = (float(candidate.box[0]), float(candidate.box[2]) / CENTRAL)  # (centre, scale) of each axis
         y = (float(candidate.box[1]), float(candidate.box[3]) / CENTRAL)
@@ -278,7 +288,16 @@ class ReferenceIndex:
             scores = _grid_correlations(luma, xs, ys, pattern)  # [len(ys), len(xs)]
             iy, ix = np.unravel_index(int(scores.argmax()), scores.shape)
             x, y, score = xs[ix], ys[iy], float(scores[iy, ix])
-        return score, colour
+        return Verdict(score, colour, np.array([x[0], y[0], x[1], y[1]], np.float32))
+
+    def evidence(self, queries: Queries, candidate: Candidate, frame: np.ndarray) -> CopyEvidence:
+        """Stage 3: the copy model's checks of the query against the reference seen through `frame`."""
+        query = queries.planes[candidate.query]
+        if candidate.flip:
+            query = query[..., ::-1]
+        reference = self.planes[candidate.reference].astype(np.float32)
+        reference[1:] -= 128.0
+        return copy_evidence(query, reference, frame, CENTRAL)
 
     def colour_agreement(self, query: np.ndarray, candidate: Candidate) -> float:
         """Cosine of the query's `colour_pattern` and the reference's in the candidate's box (1: grey query).

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from vit_pipelines.data.cache import resolve_num_proc
 from vit_pipelines.data.ops import BadImageError
 from vit_pipelines.data.streaming import StreamedImages
+from vit_pipelines.dedup.copymodel import CERTAIN_DETAIL, CERTAIN_MARGIN, CopyEvidence
 from vit_pipelines.dedup.fingerprint import CANONICAL, canonical
 from vit_pipelines.dedup.index import STAGE1_BOXES, Queries, ReferenceIndex, reference_descriptors, to_uint8
 from vit_pipelines.training.loop import rank_share
@@ -36,11 +37,12 @@ T = TypeVar("T")
 SKIPPED_EXAMPLES = 5  # unreadable queries named per reason
 DEFAULT_THRESHOLD = 0.9
 """Band-passed luminance correlation from which a query is a copy (docs/dedup.md has the measurements)."""
+CERTAIN_SCORE = 0.95  # stage 2: below it a match is reported as borderline
 
 
 @dataclass(frozen=True)
 class DedupConfig:
-    """Knobs of the two-stage search; the defaults are those of `conf/base/parameters_dedup.yml`."""
+    """Knobs of the three-stage search; the defaults are those of `conf/base/parameters_dedup.yml`."""
 
     threshold: float = DEFAULT_THRESHOLD  # stage 2: a copy scores at least this (correlation, -1..1)
     colour_threshold: float = 0.93  # stage 2: colour agreement a coloured query must reach (cosine)
@@ -50,6 +52,7 @@ class DedupConfig:
     num_proc: int = 1  # worker processes; 1 searches in this process
     stage1: str = "auto"  # stage 1: exact, ivf (faiss inverted file), auto: ivf from `IVF_FROM` references
     nprobe: int = 32  # stage 1, ivf: lists scanned per query
+    copy_model: bool = True  # stage 3: a match must also pass the copy model's checks (`copymodel.py`)
 
     def __post_init__(self) -> None:
         for name in ("threshold", "colour_threshold", "candidate_threshold"):
@@ -61,6 +64,8 @@ class DedupConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"dedup.{name} must be a whole number >= 1, got {value!r}")
+        if not isinstance(self.copy_model, bool):
+            raise ValueError(f"dedup.copy_model must be true or false, got {self.copy_model!r}")
         if self.stage1 not in ("auto", "exact", "ivf"):
             raise ValueError(f"dedup.stage1 must be auto, exact or ivf, got {self.stage1!r}")
 
@@ -81,6 +86,17 @@ class Match:
     score: float  # stage-2 correlation, -1..1
     colour: float  # stage-2 colour agreement (1 for a grey query)
     mirrored: bool  # the query matches the reference flipped left-right
+    evidence: CopyEvidence | None = None  # stage 3 (None when `copy_model` is off)
+
+    @property
+    def certain(self) -> bool:
+        """The score reaches `CERTAIN_SCORE`, and at least `CERTAIN_DETAIL` of the box holds content whose
+        shape clears its limit by `CERTAIN_MARGIN`; else the match is borderline."""
+        evidence = self.evidence
+        return self.score >= CERTAIN_SCORE and (
+            evidence is None
+            or (evidence.detail >= CERTAIN_DETAIL and evidence.shape >= evidence.least_shape + CERTAIN_MARGIN)
+        )
 
 
 @dataclass
@@ -169,7 +185,7 @@ def search(
     rank: int = 0,
     world: int = 1,
 ) -> SearchResult:
-    """Stream `queries` through both stages, `config.batch_size` at a time on `config.num_proc` processes.
+    """Stream `queries` through every stage, `config.batch_size` at a time on `config.num_proc` processes.
     With `world` > 1 only this rank's share of the queries (see `_units`); the shares' matches together are
     the matches of one process."""
     source = _ImageSource(queries, "queries")
@@ -273,7 +289,7 @@ Unit = tuple[list[Match], list[tuple[int, str]], int]  # matches, (query, reason
 def _search_span(
     source: _ImageSource, index: ReferenceIndex, config: DedupConfig, span: tuple[int, int]
 ) -> Unit:
-    """Both stages for queries[span]: the best verified match per query, the unreadable, span length."""
+    """Every stage for queries[span]: the best verified match per query, the unreadable, span length."""
     arrays, kept, unreadable = _canonical_batch(source.batch(*span))
     unreadable = [(span[0] + i, reason) for i, reason in unreadable]
     if not kept:
@@ -281,10 +297,14 @@ def _search_span(
     queries = Queries.from_canonical(arrays)
     best: dict[int, Match] = {}
     for candidate in index.candidates(queries, config.candidate_threshold, config.max_candidates):
-        score, colour = index.verify(queries, candidate, config.colour_threshold)
+        verdict = index.verify(queries, candidate, config.colour_threshold)
         query = span[0] + kept[candidate.query]
-        if score >= config.threshold and score > best.get(query, _NO_MATCH).score:
-            best[query] = Match(query, int(index.ids[candidate.reference]), score, colour, candidate.flip)
+        if verdict.score < config.threshold or verdict.score <= best.get(query, _NO_MATCH).score:
+            continue
+        evidence = index.evidence(queries, candidate, verdict.frame) if config.copy_model else None
+        if evidence is None or not evidence.failures():
+            reference = int(index.ids[candidate.reference])
+            best[query] = Match(query, reference, verdict.score, verdict.colour, candidate.flip, evidence)
     return list(best.values()), unreadable, span[1] - span[0]
 
 

@@ -25,6 +25,7 @@ from vit_pipelines.dedup.search import SKIPPED_EXAMPLES
 from vit_pipelines.training.loop import process_state
 
 log = logging.getLogger(__name__)
+LOWEST_SHOWN = 5  # lowest-scoring removals listed in the report
 
 
 def find_duplicates(
@@ -32,7 +33,7 @@ def find_duplicates(
 ) -> dict:
     """Every pretraining image that is a near-duplicate of a test image, with its best match over all sets:
     `{"pretrain_images", "test_images": {set: n}, "matches": [{"pretrain_index", "test_set", "test_index",
-    "score", "colour", "mirrored"}], "unreadable": {"pretrain"|"test": {reason: n}}, "unreadable_examples":
+    "score", "colour", "mirrored", "shape", "detail", "band"}], "unreadable": {"pretrain"|"test": {reason: n}}, "unreadable_examples":
     {"pretrain": {reason: [row, ...]}}, "queries_per_rank", "seconds"}`. Under `accelerate launch` each rank
     searches its share of the pretraining images."""
     state = process_state()
@@ -61,6 +62,9 @@ def find_duplicates(
             "score": round(m.score, 4),
             "colour": round(m.colour, 4),
             "mirrored": m.mirrored,
+            "shape": None if m.evidence is None else round(m.evidence.shape, 4),
+            "detail": None if m.evidence is None else round(m.evidence.detail, 4),
+            "band": "certain" if m.certain else "borderline",
         }
         for m in result.matches
     ]
@@ -91,13 +95,17 @@ def find_duplicates(
 
 
 def report_duplicates(pretrain: datasets.Dataset, duplicates: dict, params: dict[str, Any]) -> dict:
-    """Per test set: the pretraining images removed and their [pretrain_index, test_index, score]; the images
-    kept; the settings and speed; on the embedded default, recall of its documented leaked copies."""
+    """Per test set: the pretraining images removed and their [pretrain_index, test_index, score]; how many
+    are certain and borderline, and the lowest-scoring removals; the images kept; the settings and speed; on
+    the embedded default, recall of its documented leaked copies and how many removals they are."""
     matches = duplicates["matches"]
+    bands = Counter(m.get("band", "certain") for m in matches)
     report = {
         "pretrain_images": duplicates["pretrain_images"],
         "kept": duplicates["pretrain_images"] - len(matches),
         "removed": len(matches),
+        "bands": {"certain": bands["certain"], "borderline": bands["borderline"]},
+        "lowest_scores": sorted(matches, key=lambda m: m["score"])[:LOWEST_SHOWN],
         "test_sets": {
             name: {
                 "test_images": size,
@@ -119,6 +127,14 @@ def report_duplicates(pretrain: datasets.Dataset, duplicates: dict, params: dict
     }
     if params.get("known_leaks") == "embedded":
         report["known_leaks"] = _embedded_leak_recall(pretrain, matches, params.get("embedded_seed", 0))
+    leaks = report.get("known_leaks", {}).get("found")
+    log.info(
+        "removed %d pretraining images: %d certain, %d borderline%s",
+        len(matches),
+        bands["certain"],
+        bands["borderline"],
+        "" if leaks is None else f"; {leaks} of them are the embedded default's planted leaks",
+    )
     return report
 
 
@@ -134,6 +150,7 @@ def _embedded_leak_recall(pretrain: datasets.Dataset, matches: list[dict], seed:
         "found": len(hits),
         "recall": len(hits) / len(leaks) if leaks else None,
         "matched_to_the_copied_image": sum(found[q]["test_index"] == leaks[q]["test_index"] for q in hits),
+        "removals_that_are_leaks": f"{len(hits)} of {len(matches)}",
         "missed": [leak for q, leak in leaks.items() if q not in hits],
         "removed_not_leaked": [m for q, m in found.items() if q not in leaks],
     }
@@ -142,24 +159,32 @@ def _embedded_leak_recall(pretrain: datasets.Dataset, matches: list[dict], seed:
 def plot_duplicates(
     pretrain: datasets.Dataset, duplicates: dict, params: dict[str, Any], **test_sets: datasets.Dataset
 ) -> plt.Figure:
-    """Up to `params["pairs_shown"]` removed pairs (pretraining | test image, mirrored when matched so),
-    evenly spaced from the highest score to the lowest, so the most doubtful matches are in view too."""
-    matches = sorted(duplicates["matches"], key=lambda m: -m["score"])
-    picks = np.unique(np.linspace(0, len(matches) - 1, min(len(matches), params["pairs_shown"])).round())
-    shown = [matches[int(i)] for i in picks]
+    """Up to `params["pairs_shown"]` removed pairs (pretraining | test image, mirrored when matched so): the
+    borderline ones first, lowest score first, then certain ones evenly spaced from the lowest score to the
+    highest, so the most doubtful matches are always in view."""
+    matches = sorted(duplicates["matches"], key=lambda m: m["score"])
+    borderline = [m for m in matches if m.get("band") == "borderline"][: params["pairs_shown"]]
+    certain = [m for m in matches if m.get("band") != "borderline"]
+    room = min(len(certain), params["pairs_shown"] - len(borderline))
+    picks = np.unique(np.linspace(0, len(certain) - 1, room).round()) if room else []
+    shown = borderline + [certain[int(i)] for i in picks]
     rows = sorted({m["pretrain_index"] for m in shown})  # in order: a streamed source reads each part once
     pretrain_images = dict(zip(rows, pretrain[rows]["image"] if rows else [], strict=True))
     pairs = []
     for m in shown:
         test_image = open_image(test_sets[m["test_set"]][m["test_index"]]["image"])[0]
         mirrored = " mirrored" if m["mirrored"] else ""
+        band = " borderline" if m.get("band") == "borderline" else ""
         pairs.append(
             (
                 open_image(pretrain_images[m["pretrain_index"]])[0],
                 ImageOps.mirror(test_image) if m["mirrored"] else test_image,
-                f"{m['pretrain_index']} ~ {m['test_set']}[{m['test_index']}]{mirrored} {m['score']:.3f}",
+                f"{m['pretrain_index']} ~ {m['test_set']}[{m['test_index']}]{mirrored} {m['score']:.3f}{band}",
             )
         )
+    counts = Counter(m.get("band", "certain") for m in matches)
     return plot_pairs(
-        pairs, f"{len(pairs)} of {len(matches)} removed pretraining images (left) and their test images"
+        pairs,
+        f"{len(pairs)} of {len(matches)} removed pretraining images (left) and their test images: "
+        f"{counts['certain']} certain, {counts['borderline']} borderline (shown first)",
     )
