@@ -6,8 +6,9 @@ from collections import Counter
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from vit_pipelines.models import VisionTransformer, ViTConfig, fused_cpu
+from vit_pipelines.models import VisionTransformer, ViTConfig, fastpath, fused_cpu
 
 pytestmark = pytest.mark.skipif(
     torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX"), reason="the kernels need AVX-512"
@@ -196,6 +197,11 @@ def test_gradient_kernels_sum_the_weight_gradient(ops, rows, out, inputs, amx):
         assert_float32_sums(got, grad.view(-1, out).t(), x.view(-1, inputs))
 
 
+def run_alone(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`block(x)` as the encoder runs it (fused where that applies), with no neighbour to hand over to."""
+    return fastpath.encoder(nn.ModuleList([block]), x)
+
+
 def gradients(model: VisionTransformer, images, labels, autocast: bool) -> tuple[torch.Tensor, dict]:
     model.zero_grad()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -218,7 +224,7 @@ def test_fused_training_step_is_as_accurate_as_autocast(ops, monkeypatch):
     calls = []
     monkeypatch.setattr(fused_cpu._FusedBlock, "apply", lambda *a, _f=fused_cpu._FusedBlock.apply: calls.append(1) or _f(*a))  # fmt: skip
     fused_loss, fused = gradients(model, images, labels, autocast=True)
-    # every block but the last, which computes the [class] token alone (`Block.forward`), its layer norm fused
+    # every block but the last, which computes the [class] token alone (`fastpath.first_token_block`)
     assert len(calls) == config.depth - 1
     monkeypatch.setattr(fused_cpu, "_kernels", None)
     plain_loss, plain = gradients(model, images, labels, autocast=True)
@@ -256,7 +262,7 @@ def test_neighbouring_blocks_share_passes_over_the_rows(ops, monkeypatch):
 
     def one_by_one(x: torch.Tensor, blocks=model.blocks) -> torch.Tensor:
         for block in blocks:
-            x, _ = block(x)
+            x = run_alone(block, x)
         return x
 
     def training_pass(forward) -> tuple[torch.Tensor, list[torch.Tensor], dict[str, int]]:
@@ -283,7 +289,7 @@ def test_neighbouring_blocks_share_passes_over_the_rows(ops, monkeypatch):
         twice = training_pass(lambda: (model.encode(model.patch_embed(images))["tokens"], outputs[-1].sum()))
 
     def used_twice_one_by_one() -> tuple[torch.Tensor, torch.Tensor]:
-        first, _ = model.blocks[0](inputs[0])
+        first = run_alone(model.blocks[0], inputs[0])
         return model.norm(one_by_one(first, model.blocks[1:])), first.sum()
 
     alone = training_pass(used_twice_one_by_one)
@@ -294,7 +300,7 @@ def test_neighbouring_blocks_share_passes_over_the_rows(ops, monkeypatch):
     # pooling the [class] token (`forward`), the last block computes that token alone; its first layer norm, on
     # the kernels, also takes the last fused block's handover both ways
     def pooled_one_by_one() -> tuple[torch.Tensor, int]:
-        x, _ = model.blocks[-1](one_by_one(inputs[0], model.blocks[:-1]), first_token=True)
+        x, _ = fastpath.first_token_block(model.blocks[-1], one_by_one(inputs[0], model.blocks[:-1]))
         return model.norm(x[:, 0]), 0
 
     pooled = training_pass(lambda: (model.encode(model.patch_embed(images), tokens=False)["pre_logits"], 0))
@@ -312,7 +318,7 @@ def test_neighbouring_blocks_share_passes_over_the_rows(ops, monkeypatch):
         out[0].mul_(2)
 
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        want, _ = model.blocks[0](inputs[0])
+        want = run_alone(model.blocks[0], inputs[0])
         want = model.norm(one_by_one(2 * want, model.blocks[1:]))
         for hook in (replace, change_in_place):
             calls.clear()
@@ -355,9 +361,9 @@ def test_fused_path_applies_only_where_it_computes_the_same_function(ops, monkey
         assert not fused_cpu.applies(block, x.double())
         _, weights = block(x, return_attention=True)  # attention maps come from the plain modules
         assert weights.shape == (2, 3, 5, 5)
-        fused, _ = block(x)
+        fused = run_alone(block, x)
         monkeypatch.setattr(fused_cpu, "_kernels", None)
-        plain, _ = block(x)
+        plain = run_alone(block, x)
     assert not fused_cpu.applies(block, x)  # float32: no autocast
     torch.testing.assert_close(fused, plain, rtol=0.02, atol=0.02)
 

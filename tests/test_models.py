@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from vit_pipelines.models import VisionTransformer, ViTConfig
+from vit_pipelines.models import VisionTransformer, ViTConfig, fastpath
 from vit_pipelines.models.posemb import posemb_sincos_2d
 from vit_pipelines.models.vit import Attention
 
@@ -105,23 +105,23 @@ def test_pre_logits_alone_compute_only_what_is_pooled(pool, last_block, normaliz
 
 
 def test_first_token_attention_drops_out_the_same_weights():
-    """`Attention.forward_first_token` folds the keys and values into the first token's query; under attention
+    """`fastpath.first_token_attention` folds the keys and values into the first token's query; under attention
     dropout (training) it drops the same weights as the full attention's first row, and the value bias is weighted
     by what they keep (they no longer sum to 1)."""
     attn = Attention(32, 4, dropout=0.0, attention_dropout=0.5).train()
     nn.init.normal_(attn.qkv.bias)
     x = torch.randn(3, 17, 32)
     torch.manual_seed(5)
-    folded = attn.forward_first_token(x)
+    folded = fastpath.first_token_attention(attn, x)
     torch.manual_seed(5)
     q, k, v = attn.heads(x)
     full, _ = attn.attend(q[:, :, :1], k, v)
     torch.testing.assert_close(folded, full, rtol=1e-5, atol=1e-6)
     torch.manual_seed(6)  # another mask: another output
-    assert (attn.forward_first_token(x) - folded).abs().max() > 1e-2
+    assert (fastpath.first_token_attention(attn, x) - folded).abs().max() > 1e-2
     # a model cast to bfloat16, without autocast, stays in bfloat16
     attn.eval().bfloat16()
-    assert attn.forward_first_token(x.bfloat16()).dtype == torch.bfloat16
+    assert fastpath.first_token_attention(attn, x.bfloat16()).dtype == torch.bfloat16
 
 
 def test_representation_size_adds_a_tanh_pre_logits_layer():

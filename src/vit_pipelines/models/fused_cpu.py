@@ -29,6 +29,7 @@ import time
 import weakref
 from pathlib import Path
 from types import ModuleType
+from typing import NamedTuple
 
 import torch
 
@@ -129,32 +130,10 @@ def fused_block(
     block's first layer norm, neighbouring blocks share passes over the rows (`_Handover`): forward, this block's
     last residual add also normalizes its output rows for the next block; backward, the backward pass of the next
     block's first layer norm also computes this block's fc2 output gradient with its bias and weight gradients."""
-    attn, mlp = block.attn, block.mlp
     x = x.contiguous()
-    # the next block's first layer norm (with no norm, add_bias_residual reads no eps)
-    following = (
-        (next_norm.weight, next_norm.bias, next_norm.eps) if next_norm is not None else (None, None, 0.0)
-    )
-    out, *handed = _FusedBlock.apply(
-        x,
-        *_Handover.take_forward(x, block.norm1),
-        block.norm1.weight,
-        block.norm1.bias,
-        attn.qkv.weight,
-        attn.qkv.bias,
-        attn.proj.weight,
-        attn.proj.bias,
-        block.norm2.weight,
-        block.norm2.bias,
-        mlp[0].weight,
-        mlp[0].bias,
-        mlp[3].weight,
-        mlp[3].bias,
-        *following,
-        attn.num_heads,
-        block.norm1.eps,
-        block.norm2.eps,
-    )
+    shape = (block.attn.num_heads, block.norm1.eps, block.norm2.eps, next_norm.eps if next_norm else 0.0)
+    handed = _Handover.take_forward(x, block.norm1)
+    out, *handed = _FusedBlock.apply(x, handed, shape, *BlockWeights.of(block, next_norm))
     if next_norm is not None and not out.is_inference():  # inference tensors have no version counter to check
         _Handover.give_forward(out, next_norm, handed)
     return out
@@ -168,6 +147,32 @@ def first_token_norm(norm: torch.nn.LayerNorm, x: torch.Tensor) -> tuple[torch.T
     blocks."""
     x = x.contiguous()
     return _FirstTokenNorm.apply(x, *_Handover.take_forward(x, norm), norm.weight, norm.bias, norm.eps)
+
+
+class BlockWeights(NamedTuple):
+    """A block's parameters in the order the fused block takes them, and the next block's first layer norm's
+    (None where there is none: its output is then not normalized for a next block)."""
+
+    ln1_w: torch.Tensor
+    ln1_b: torch.Tensor
+    qkv_w: torch.Tensor
+    qkv_b: torch.Tensor
+    proj_w: torch.Tensor
+    proj_b: torch.Tensor
+    ln2_w: torch.Tensor
+    ln2_b: torch.Tensor
+    fc1_w: torch.Tensor
+    fc1_b: torch.Tensor
+    fc2_w: torch.Tensor
+    fc2_b: torch.Tensor
+    next_w: torch.Tensor | None
+    next_b: torch.Tensor | None
+
+    @classmethod
+    def of(cls, block: torch.nn.Module, next_norm: torch.nn.LayerNorm | None) -> BlockWeights:
+        layers = (block.norm1, block.attn.qkv, block.attn.proj, block.norm2, block.mlp[0], block.mlp[3])
+        following = (next_norm.weight, next_norm.bias) if next_norm is not None else (None, None)
+        return cls(*(p for layer in layers for p in (layer.weight, layer.bias)), *following)
 
 
 class _FirstTokenNorm(torch.autograd.Function):
@@ -237,60 +242,38 @@ class _Handover:
 
 class _FusedBlock(torch.autograd.Function):
     """x + proj(attention(LN1(x))) = x1; x1 + fc2(GELU(fc1(LN2(x1)))). Shapes: x [B, N, D]; M = B·N rows.
-    From the previous block, where it computed them (else None): LN1(x) as (h1, mean1, rstd1) and its GELU output
-    a_prev. With the next block's layer norm (next_w, next_b, next_eps), the outputs after `out` are that norm of it
-    and this block's a, else None."""
+    `handed`, from the previous block where it computed them (else None): LN1(x) as (h1, mean1, rstd1) and its
+    GELU output a_prev. `shape`: (heads, eps1, eps2, next_eps). `weights`: `BlockWeights`; with the next block's
+    layer norm, the outputs after `out` are that norm of it and this block's a, else None."""
 
     @staticmethod
-    def forward(
-        ctx,
-        x,
-        h1,
-        mean1,
-        rstd1,
-        a_prev,
-        ln1_w,
-        ln1_b,
-        qkv_w,
-        qkv_b,
-        proj_w,
-        proj_b,
-        ln2_w,
-        ln2_b,
-        fc1_w,
-        fc1_b,
-        fc2_w,
-        fc2_b,
-        next_w,
-        next_b,
-        next_eps,
-        heads,
-        eps1,
-        eps2,
-    ):
+    def forward(ctx, x, handed, shape, *weights):
+        h1, mean1, rstd1, a_prev = handed
+        heads, eps1, eps2, next_eps = shape
+        w = BlockWeights(*weights)
         ops, (b, n, d) = _kernels, x.shape
         scale = (d // heads) ** -0.5
-        w_qkv, w_proj, w_fc1, w_fc2 = (w.to(torch.bfloat16) for w in (qkv_w, proj_w, fc1_w, fc2_w))
+        w_qkv, w_proj, w_fc1, w_fc2 = (m.to(torch.bfloat16) for m in (w.qkv_w, w.proj_w, w.fc1_w, w.fc2_w))
         if h1 is None:
-            h1, mean1, rstd1 = ops.layer_norm_fwd(x, ln1_w, ln1_b, eps1)
+            h1, mean1, rstd1 = ops.layer_norm_fwd(x, w.ln1_w, w.ln1_b, eps1)
         qkv = torch.mm(h1.view(-1, d), w_qkv.t()).view(b, n, 3 * d)
-        o, p = ops.attention_fwd(qkv, qkv_b, heads, scale, _amx)
+        o, p = ops.attention_fwd(qkv, w.qkv_b, heads, scale, _amx)
         # the residual add and the second layer norm in one pass over the rows
         x1, h2, mean2, rstd2 = ops.add_bias_residual(
-            x, torch.mm(o.view(-1, d), w_proj.t()).view(b, n, d), proj_b, ln2_w, ln2_b, eps2
+            x, torch.mm(o.view(-1, d), w_proj.t()).view(b, n, d), w.proj_b, w.ln2_w, w.ln2_b, eps2
         )
         z = torch.mm(h2.view(-1, d), w_fc1.t())
-        a, gelu_grad = ops.bias_gelu_fwd(z, fc1_b)
+        a, gelu_grad = ops.bias_gelu_fwd(z, w.fc1_b)
         # and the last residual add with the next block's first layer norm, where there is one
         out, *following = ops.add_bias_residual(
-            x1, torch.mm(a, w_fc2.t()).view(b, n, d), fc2_b, next_w, next_b, next_eps
+            x1, torch.mm(a, w_fc2.t()).view(b, n, d), w.fc2_b, w.next_w, w.next_b, next_eps
         )
         if following:
             following.append(a)
             ctx.mark_non_differentiable(*following)
         ctx.set_materialize_grads(False)  # no zero gradients for those
         ctx.save_for_backward(x, h1, mean1, rstd1, qkv, p, o, x1, h2, mean2, rstd2, a, gelu_grad, a_prev)
-        ctx.params = (ln1_w, w_qkv, qkv_b, w_proj, ln2_w, w_fc1, w_fc2)
+        ctx.params = (w.ln1_w, w_qkv, w.qkv_b, w_proj, w.ln2_w, w_fc1, w_fc2)
         ctx.heads = heads
         ctx.scale = scale
         return (out, *following) if following else (out, None, None, None, None)
@@ -325,4 +308,4 @@ class _FusedBlock(torch.autograd.Function):
             _Handover.give_backward(gx, previous)
         # every parameter gradient comes out of the kernels in float32, the parameters' dtype
         grads = (dw_qkv, db_qkv, dw_proj, db_proj, dln2_w, dln2_b, dw_fc1, db_fc1, dw_fc2, db_fc2)
-        return (gx, None, None, None, None, dln1_w, dln1_b, *grads, None, None, None, None, None, None)
+        return gx, None, None, dln1_w, dln1_b, *grads, None, None

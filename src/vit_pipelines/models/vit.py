@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vit_pipelines.models import fused_cpu
+from vit_pipelines.models import fastpath
 from vit_pipelines.models.config import ViTConfig
 from vit_pipelines.models.posemb import LearnedPosEmb2d, posemb_sincos_2d
 from vit_pipelines.models.resnet import resnet_stem_from_name
@@ -40,47 +40,21 @@ class Attention(nn.Module):
         b, n, d = x.shape
         return self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
 
-    def forward_first_token(self, x: torch.Tensor) -> torch.Tensor:
-        """`self(x)[0][:, :1]`, the first token's attention output `[B, 1, D]`, without any token's key or value.
-        Per head, with that token's query q, the scores are q·(W_k x_j + b_k) = (W_kᵀ q)·x_j + q·b_k, the last
-        term the same for every key j, so the softmax cancels it; and the output is Σ_j p_j (W_v x_j + b_v) =
-        W_v (Σ_j p_j x_j) + (Σ_j p_j) b_v. So q goes through W_k onto the tokens and the weighted sum of the tokens
-        through W_v: a few D-vectors per image and head instead of the [N, 2D] keys and values (a Ti/4@32 training
-        step: 257 instead of 261 GFLOP)."""
-        (b, _, d), h = x.shape, self.num_heads
-        w_q, w_k, w_v = self.qkv.weight.view(3, h, d // h, d).unbind(0)
-        b_q, _, b_v = self.qkv.bias.view(3, h, d // h).unbind(0)
-        q = F.linear(x[:, 0], w_q.reshape(d, d), b_q.reshape(d)).view(b, h, d // h)
-        keys = torch.einsum("bhe,hed->bhd", q, w_k)  # [B, heads, D]: W_kᵀ q per head
-        scores = (keys @ x.transpose(1, 2)) * (d // h) ** -0.5
-        weights = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
-        p = self.attention_dropout if self.training else 0.0
-        weights = F.dropout(weights, p) if p > 0 else weights
-        mixed = weights @ x  # [B, heads, D]: Σ_j p_j x_j per head
-        # Σ_j p_j: 1 but for rounding and dropout; summed in float32 at least, added in the output's dtype
-        kept = weights.sum(-1, keepdim=True, dtype=torch.promote_types(weights.dtype, torch.float32))
-        out = torch.einsum("bhd,hed->bhe", mixed, w_v)
-        out = out + (kept * b_v).to(torch.promote_types(out.dtype, b_v.dtype))
-        return self.proj_drop(self.proj(out.reshape(b, 1, d)))
-
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_attention: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Queries `[B, heads, Nq, Dh]` against keys and values `[B, heads, N, Dh]`, then the projection:
-        `[B, Nq, D]`, and the attention weights if asked."""
+        """softmax(q·kᵀ / √Dh)·v for queries `[B, heads, Nq, Dh]` against keys and values `[B, heads, N, Dh]`,
+        then the projection: `[B, Nq, D]`, and the attention weights if asked."""
         b, _, nq, _ = q.shape
         p = self.attention_dropout if self.training else 0.0
-        if return_attention or q.device.type == "cpu":
-            # On CPU, SDPA's fused kernel loses to plain matmuls (measured: its bf16 backward took half of a
-            # Ti/4 training step; benchmarks/train_throughput.py); the softmax runs in float32, as HF's.
+        weights = None
+        if return_attention:
             scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
             weights = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
             out = (F.dropout(weights, p) if p > 0 else weights) @ v
-        else:  # flash / memory-efficient kernels on accelerators
-            weights = None
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
-        out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, nq, -1)))
-        return out, weights if return_attention else None
+        else:
+            out = fastpath.attention(q, k, v, p)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, nq, -1))), weights
 
 
 class Mlp(nn.Sequential):
@@ -105,27 +79,9 @@ class Block(nn.Module):
         self.mlp = Mlp(config.width, config.mlp_dim, config.dropout)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        return_attention: bool = False,
-        next_norm: nn.LayerNorm | None = None,
-        first_token: bool = False,
+        self, x: torch.Tensor, return_attention: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`next_norm`, the next block's first layer norm, lets the fused CPU path normalize the output rows for
-        that block while they are in cache (the result does not change). `first_token` returns the output of the
-        first token alone, `[B, 1, D]`: the first layer norm of every token, the rest for that token only
-        (`Attention.forward_first_token`; the last block under [class]-token pooling, where nothing reads the other
-        tokens). On the fused CPU path that layer norm runs on the kernels, sharing passes with the block before."""
-        if first_token:
-            if fused_cpu.applies(self, x):
-                h, first = fused_cpu.first_token_norm(self.norm1, x)
-            else:
-                h, first = self.norm1(x), x[:, :1]
-            y, weights, x = self.attn.forward_first_token(h), None, first
-        elif not return_attention and fused_cpu.applies(self, x):
-            return fused_cpu.fused_block(self, x, next_norm), None
-        else:
-            y, weights = self.attn(self.norm1(x), return_attention)
+        y, weights = self.attn(self.norm1(x), return_attention)
         x = x + y
         return x + self.mlp(self.norm2(x)), weights
 
@@ -148,12 +104,7 @@ class PatchEmbed(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.stem(images) if self.stem is not None else images
-        # The conv's stride is its kernel, so it is one matmul of the flattened patches with the flattened kernel
-        # (on CPU, forward and backward at Ti/4@32 batch 128 in bf16: 3.1 ms instead of oneDNN's convolution's 5.9)
-        (b, c, h, w), (kh, kw) = x.shape, self.proj.kernel_size
-        gh, gw = h // kh, w // kw
-        patches = x[:, :, : gh * kh, : gw * kw].reshape(b, c, gh, kh, gw, kw).permute(0, 2, 4, 1, 3, 5)
-        return F.linear(patches.reshape(b, gh * gw, c * kh * kw), self.proj.weight.flatten(1), self.proj.bias)
+        return self.proj(x).flatten(2).transpose(1, 2)
 
 
 class VisionTransformer(nn.Module):
@@ -204,9 +155,7 @@ class VisionTransformer(nn.Module):
                     nn.init.normal_(module.bias, std=1e-6)
                 else:
                     nn.init.zeros_(module.bias)
-        if (
-            self.config.representation_size
-        ):  # vit_jax's pre_logits Dense keeps flax's default lecun-normal kernel
+        if self.config.representation_size:  # vit_jax's pre_logits keep flax's default lecun-normal kernel
             _lecun_normal_(self.pre_logits[0].weight)
         _lecun_normal_(self.patch_embed.proj.weight)
         nn.init.zeros_(self.patch_embed.proj.bias)
@@ -248,16 +197,13 @@ class VisionTransformer(nn.Module):
         if covers_prefix:
             x = x + pe
         x = self.pos_drop(x)
-        # Pooling the [class] token, the last block computes that token alone (`Block.forward`'s first_token):
-        # ~8% of a Ti/4@32 training step's FLOPs less, the same pre_logits
-        first_token = self.cls_token is not None and not tokens and not return_attention
-        last = len(self.blocks) - 1
         attention = []
-        for i, block in enumerate(self.blocks):
-            # the next block's first layer norm, for the fused path to share a pass with
-            following = self.blocks[i + 1].norm1 if i < last else None
-            x, weights = block(x, return_attention, following, first_token and i == last)
-            attention.append(weights)
+        if return_attention:
+            for block in self.blocks:
+                x, weights = block(x, return_attention=True)
+                attention.append(weights)
+        else:  # the same blocks, fast where they can be; the last computes the [class] token alone if pooled
+            x = fastpath.encoder(self.blocks, x, first_token=self.cls_token is not None and not tokens)
         if self.cls_token is not None and not tokens:
             pooled = self.norm(x[:, 0])
         else:

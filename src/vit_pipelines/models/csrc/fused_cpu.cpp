@@ -1,6 +1,6 @@
 // Element-wise kernels of the ViT encoder block in bfloat16 on AVX-512 CPUs, fused around its matmuls.
 //
-// Under bf16 autocast, eager PyTorch spends ~40% of a small ViT's training step between the matmuls: layer norms
+// Under bf16 autocast, eager PyTorch spends much of a small ViT's training step between the matmuls: layer norms
 // in float32 followed by casts, bias broadcasts before every addmm, a scaled float32 softmax and its casts,
 // head (un)folding copies, GELU, and bias-gradient column sums. Each kernel here does one of those groups in a
 // single pass over rows (parallel over rows, float32 arithmetic, bfloat16 rounding once at the output), except
@@ -70,7 +70,7 @@ struct ColumnSums {
   torch::Tensor partial;
   explicit ColumnSums(int64_t cols) : partial(torch::zeros({at::get_num_threads(), cols}, torch::kFloat)) {}
   float* row(int64_t tid) { return partial.data_ptr<float>() + tid * partial.size(1); }
-  // A loop here, not partial.sum(0): ATen's reduction costs ~15 µs of dispatch for a few hundred values.
+  // A loop here, not partial.sum(0): ATen's reduction dispatch costs more than a few hundred additions.
   torch::Tensor total() const {
     const int64_t threads = partial.size(0), cols = partial.size(1);
     auto out = torch::empty({cols}, partial.options());
@@ -212,7 +212,7 @@ inline Vec exp2_nonpositive(Vec y) {
 // one exponential: with t = |z| (capped at 6, where Φ is 1 in float32), φ = exp(-t²/2)/√(2π) and the tail
 // Φ(-t) = φ(t)·R(t), R being Mills' ratio, fitted as a degree-7 polynomial in k = 1/(1 + 0.34·t) (the form of
 // Abramowitz and Stegun 26.2.17, refitted by least squares reweighted towards the largest relative error: 1.3e-7 on
-// [0, 6], so the tail keeps its relative accuracy far left). ~25% faster than an erf and a separate exp for φ.
+// [0, 6], so the tail keeps its relative accuracy far left). One exp instead of an erf and an exp for φ.
 // Φ(z) = Φ(-t) for z < 0, else 1 - Φ(-t).
 struct Normal {
   Vec cdf, pdf;
@@ -286,8 +286,7 @@ inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
 // Asks for slice `part` of `parts` of the cache lines of [p, p + bytes) to be brought into L2. attention_fwd spreads
 // the next image's qkv rows over the current image's heads: the hardware prefetcher, which follows a stream of
-// reads, stops with each pause for compute, and reading an image in waited on memory (~18% of the kernel's time;
-// this won back ~6%; the same for attention_bwd's inputs measured no gain).
+// reads, stops with each pause for compute, and reading an image in waited on memory (docs/performance.md).
 inline void prefetch_part(const void* p, int64_t bytes, int64_t part, int64_t parts) {
   const char* c = static_cast<const char*>(p);
   const int64_t lines = (bytes + 63) / 64;
@@ -295,10 +294,9 @@ inline void prefetch_part(const void* p, int64_t bytes, int64_t part, int64_t pa
 }
 
 // Rows per block of the kernels that sum a weight gradient (WeightGradient): 128 on the AMX tiles; 256 with
-// vector_block, whose float32 sums are read and written once per block (Ti/4@32 training step +0.5-2.6% over 128 on
-// Zen 4 in three in-process A/Bs, both orders; 384 ran alike). The sums are the same bits either way.
+// vector_block, whose float32 sums are read and written once per block. The sums are the same bits either way.
 inline int64_t tile_rows(bool amx) { return amx ? 128 : 256; }
-// Rows of dqkv per weight-gradient product in attention_bwd: 32-512 ran alike (Ti/4, batch 128, step breakdown).
+// Rows of dqkv per weight-gradient product in attention_bwd (other sizes ran alike: docs/performance.md).
 constexpr int64_t kWgradRows = 128;
 
 // c[m x n] (float32, row stride ldc) = a[m x k] (bf16, row stride lda) · b, plus c's own values where accumulate,
@@ -349,9 +347,8 @@ void tile_matmul(const BFloat16* a, int64_t lda, const BFloat16* b, int64_t ldb,
 // accumulators. Each step takes one bf16 pair (a[i][2t], a[i][2t + 1]) per row, broadcast, against pair row t of b
 // (C vectors, held in registers across the R rows). With AVX512_BF16 (Zen 4, Cooper Lake, and the AMX CPUs) one
 // vdpbf16ps does a pair's two products and adds in the order of the two FMAs of the fallback (odd element first,
-// products exact in float32; results bit-identical to it on Zen 4, checked for the attention and weight-gradient
-// kernels at 17-197 tokens): twice the work per instruction, and no widening. 8-16 accumulators cover its latency
-// (6 cycles on Zen 4, one issued per cycle). Without it (Skylake-X, Ice Lake), each pair is widened to float32 for
+// products exact in float32, so the results are bit-identical to it): twice the work per instruction, and no
+// widening. 8-16 accumulators cover its latency. Without it (Skylake-X, Ice Lake), each pair is widened to float32 for
 // two FMAs.
 template <int R, int C>
 inline void vector_block(const BFloat16* a, int64_t lda, const BFloat16* b, int64_t ldb, float* c, int64_t ldc,
@@ -521,10 +518,8 @@ struct Heads {
   // One image's N rows (x, ld values apart; plus bias where given) of parts.size() parts of D columns each (q, k, v
   // or do), each split into its heads in the layouts the products read: where rows is given, head h as [np][e] at
   // rows + h·np·e; where pairs is, as tile_pairs_of_rows's pair rows at pairs + h·np·e ([np / 2][2e], rows 2t and
-  // 2t + 1 interleaved). One pass down the rows, two at a time, so the hardware prefetcher streams them (reading
-  // each head's columns from DRAM head by head ran ~40% slower), and no copy or interleaving pass per head (the
-  // forward ran 7-12% faster than staging the rows and copying each head out; the backward as fast). Padding stays
-  // zero.
+  // 2t + 1 interleaved). One pass down the rows, two at a time, so the hardware prefetcher streams them, and no
+  // copy or interleaving pass per head. Padding stays zero.
   void split(const BFloat16* x, int64_t ld, const float* bias, std::initializer_list<Part> parts) const {
     alignas(64) static const uint16_t kInterleave[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
                                                         8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
