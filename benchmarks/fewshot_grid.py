@@ -22,7 +22,8 @@ import numpy as np
 from report import machine, print_table, write_json
 from sklearn.linear_model import Ridge
 
-from vit_pipelines.evaluation.fewshot import BIAS_CONSTANT, fewshot_ridge, sample_shots
+from vit_pipelines.evaluation.fewshot import sample_shots
+from vit_pipelines.evaluation.ridge import BIAS_CONSTANT, fewshot_ridge
 
 
 def features(classes: int, dim: int, per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

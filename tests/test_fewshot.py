@@ -5,20 +5,17 @@ import pytest
 import torch
 from sklearn.linear_model import Ridge
 
-import vit_pipelines.evaluation.fewshot as fewshot
 from vit_pipelines.data import embedded
-from vit_pipelines.evaluation import fewshot_ridge
+from vit_pipelines.evaluation import fewshot_ridge, scoring
 from vit_pipelines.evaluation.fewshot import (
-    BIAS_CONSTANT,
-    RidgeSolver,
-    _CertifiedArgmax,
     cache_fewshot_sets,
     fewshot_grid,
     fewshot_pool,
     mean_and_ci95,
     sample_shots,
-    select_l2_reg,
 )
+from vit_pipelines.evaluation.ridge import BIAS_CONSTANT, RidgeSolver, select_l2_reg
+from vit_pipelines.evaluation.scoring import CertifiedArgmax
 
 
 def blobs(n_per_class: int, dim: int, classes: int, seed: int, spread: float = 3.0):
@@ -85,10 +82,10 @@ def test_scoring_gives_exactly_the_float64_predictions_even_when_ill_conditioned
     unreliable and must be caught by the error bound and re-scored; at every λ the accuracy equals float64's, with
     the certified float16 scorer (CPUs with native float16) and with float32 scoring (the others)."""
     scorers = []
-    for name in ("_CertifiedArgmax", "_Float32Argmax"):
-        cls = getattr(fewshot, name)
-        monkeypatch.setattr(fewshot, name, lambda p, _cls=cls: scorers.append(_cls) or _cls(p))
-    monkeypatch.setattr(fewshot, "native_float16", lambda: float16)
+    for name in ("CertifiedArgmax", "Float32Argmax"):
+        cls = getattr(scoring, name)
+        monkeypatch.setattr(scoring, name, lambda p, _cls=cls: scorers.append(_cls) or _cls(p))
+    monkeypatch.setattr(scoring, "native_float16", lambda: float16)
     classes, dim = 300, 256
     x_train, y_train = blobs(1, dim, classes, seed=6, spread=2.0)
     x_test, y_test = blobs(6, dim, classes, seed=7, spread=2.0)
@@ -98,7 +95,7 @@ def test_scoring_gives_exactly_the_float64_predictions_even_when_ill_conditioned
         expected = (numpy_reference(x_train, y_train, x_test, lam, classes).argmax(1) == y_test).mean()
         print(f"λ={lam:g}: ours {ours[lam]:.6f} float64 {expected:.6f}")
         assert ours[lam] == expected
-    assert [s.__name__ for s in scorers] == ["_CertifiedArgmax" if float16 else "_Float32Argmax"]
+    assert [s.__name__ for s in scorers] == ["CertifiedArgmax" if float16 else "Float32Argmax"]
 
 
 def test_certified_float16_argmax_equals_the_float32_argmax_on_hard_rows():
@@ -113,7 +110,7 @@ def test_certified_float16_argmax_equals_the_float32_argmax_on_hard_rows():
     r[:, 1] = r[:, 0]  # an exact tie for every row
     r[:, 3] = r[:, 2] * (1 + 1e-6)  # near-ties
     r -= r.abs().max()  # rows with Σp > 0 score below zero everywhere
-    scorer = _CertifiedArgmax(p)
+    scorer = CertifiedArgmax(p)
     for scale in (1e-15, 1.0, 1e15):  # products stay inside float32, the reference
         exact = p.double() @ (r.double() * scale)
         ours = scorer(r * scale)
