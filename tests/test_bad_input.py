@@ -26,7 +26,7 @@ from vit_pipelines.hooks import base_parameters, check_group_settings, check_kno
 from vit_pipelines.locks import FolderLockedError, RunLock
 from vit_pipelines.models import VisionTransformer, ViTConfig, load_pretrained
 from vit_pipelines.models.fused_cpu import build_folder, wait_for_build_lock
-from vit_pipelines.training.checkpoint import load_model, save_model
+from vit_pipelines.training.saving import load_model, save_model
 
 
 @pytest.mark.parametrize("variant", ["X/16", "B16", "B/x"])

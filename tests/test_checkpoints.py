@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from vit_pipelines.models import VisionTransformer, ViTConfig, export_hf, load_pretrained, resize_pos_embed
-from vit_pipelines.training.checkpoint import save_model
+from vit_pipelines.training.saving import save_model
 
 ATOL = 1e-4  # against another framework's model
 SAME = 1e-6  # the same tensors through this model

@@ -10,7 +10,6 @@ from torch import nn
 from vit_pipelines.models import VisionTransformer
 from vit_pipelines.models.surgery import for_finetuning
 from vit_pipelines.training import TrainConfig, train
-from vit_pipelines.training.checkpoint import latest_training_state
 from vit_pipelines.training.objectives import (
     MASKED_PATCH_CLASSES,
     Classification,
@@ -23,6 +22,7 @@ from vit_pipelines.training.objectives import (
     relative_offsets,
     sample_position_pairs,
 )
+from vit_pipelines.training.saving import latest_training_state
 
 # ---------------------------------------------------------------- DRLoc
 

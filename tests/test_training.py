@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from vit_pipelines.data.cache import ShardBuild, open_shards
 from vit_pipelines.models import VisionTransformer, ViTConfig
 from vit_pipelines.training import TrainConfig, train
-from vit_pipelines.training.checkpoint import latest_training_state, load_model, save_model
 from vit_pipelines.training.loop import NonFiniteLossError, data_identity
 from vit_pipelines.training.losses import classification_loss
 from vit_pipelines.training.optim import build_optimizer, lr_multiplier, param_groups
+from vit_pipelines.training.saving import latest_training_state, load_model, save_model
 
 
 def tiny_model(seed: int = 0, **overrides) -> VisionTransformer:

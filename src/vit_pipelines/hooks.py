@@ -17,9 +17,9 @@ from vit_pipelines.evaluation.fewshot import check_fewshot_params
 from vit_pipelines.locks import RunLock
 from vit_pipelines.models.config import ViTConfig
 from vit_pipelines.pipelines.downstream import use_run_globals
-from vit_pipelines.training.checkpoint import writable_folder
 from vit_pipelines.training.loop import TrainConfig, process_state
 from vit_pipelines.training.objectives import DRLocConfig
+from vit_pipelines.training.saving import writable_folder
 
 
 class CheckOutputsWritable:

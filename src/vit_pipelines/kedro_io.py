@@ -15,8 +15,8 @@ from vit_pipelines.data.cache import MANIFEST, ShardBuild, open_shards
 from vit_pipelines.data.sources import load_image_dataset
 from vit_pipelines.data.streaming import StreamedImages
 from vit_pipelines.models.vit import VisionTransformer
-from vit_pipelines.training.checkpoint import WEIGHTS, load_model, save_model
 from vit_pipelines.training.loop import process_state
+from vit_pipelines.training.saving import WEIGHTS, load_model, save_model
 
 
 class ImageSourceDataset(AbstractDataset[None, datasets.Dataset | StreamedImages]):

@@ -40,12 +40,6 @@ from vit_pipelines.data.cache import MANIFEST, read_manifest
 from vit_pipelines.data.loader import resolve_num_workers, train_loader
 from vit_pipelines.fields import check_known_fields
 from vit_pipelines.models.vit import VisionTransformer
-from vit_pipelines.training.checkpoint import (
-    latest_training_state,
-    load_training_state,
-    save_training_state,
-    writable_folder,
-)
 from vit_pipelines.training.objectives import (
     Classification,
     DRLocConfig,
@@ -53,6 +47,12 @@ from vit_pipelines.training.objectives import (
     build_objective,
 )
 from vit_pipelines.training.optim import build_optimizer, lr_multiplier
+from vit_pipelines.training.saving import (
+    latest_training_state,
+    load_training_state,
+    save_training_state,
+    writable_folder,
+)
 
 log = logging.getLogger(__name__)
 Evaluator = Callable[[VisionTransformer, Accelerator], dict[str, float]]

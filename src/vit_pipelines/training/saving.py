@@ -1,4 +1,5 @@
-"""Checkpoints on disk: model weights as safetensors beside `config.json`; training state for exact resume.
+"""Saving during training: model folders (safetensors beside `config.json`) and the training state for exact
+resume. `models/checkpoints.py` reads and converts checkpoint formats; this module writes and resumes runs.
 
 Nothing here unpickles arbitrary objects: weights are safetensors and optimiser state is read with
 `torch.load(weights_only=True)`. Every write goes to a temporary folder renamed into place, so a crash never
