@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def copy_project(destination: Path) -> Path:
     """A copy of the project without its data, as a fresh clone would have it."""
     destination.mkdir(parents=True, exist_ok=True)
-    for name in ("conf", "src", "pyproject.toml", ".telemetry"):
+    for name in ("conf", "src", "notebooks", "pyproject.toml", ".telemetry"):
         source = ROOT / name
         if source.is_dir():
             shutil.copytree(source, destination / name, ignore=shutil.ignore_patterns("__pycache__", "local"))

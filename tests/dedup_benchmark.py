@@ -164,8 +164,13 @@ def _templates(count: int, seed: int) -> list[Image.Image]:
         centre = tuple(float(c) for c in rng.uniform(0.25, 0.75, 2))
         moved = (centre[0] + 0.15 * rng.choice([-1, 1]), centre[1])
         other = str(rng.choice([s for s in _SHAPES if s != shape]))
-        for variant in ((shape, centre, ink), (other, centre, ink), (shape, moved, ink),
-                        (shape, centre, _colour(rng, far_from=np.array(ink)))):  # fmt: skip
+        recoloured = _colour(rng, far_from=np.array(ink))
+        for variant in (
+            (shape, centre, ink),
+            (other, centre, ink),
+            (shape, moved, ink),
+            (shape, centre, recoloured),
+        ):
             canvas = Image.new("RGB", (96, 96), tuple(int(c) for c in paper))
             _draw(canvas, variant[0], variant[1], radius, variant[2])
             out.append(canvas)

@@ -7,15 +7,17 @@ import socket
 import subprocess
 from pathlib import Path
 
+import nbformat
 import PIL.Image
 import pytest
 from conftest import copy_project, run_in
+from nbclient import NotebookClient
 from test_streaming import write_tar
 
 from vit_pipelines.data import embedded
 from vit_pipelines.data.cache import open_shards, read_manifest
 from vit_pipelines.data.sources import load_image_dataset
-from vit_pipelines.training.checkpoint import load_model
+from vit_pipelines.training.saving import load_model
 
 pytestmark = pytest.mark.slow
 
@@ -320,6 +322,28 @@ def test_tiny_analysis_draws_the_four_figures_through_the_catalog(project):
     assert all(len(row) == heads for row in numbers["attention_distance"]["mean_attention_distance_px"])
     assert len(numbers["patch_embedding"]["explained_variance"]) == 7  # conf/tiny: components 7
     assert len(numbers["attention_rollout"]["rollout_maps"]) == 4
+
+
+def test_the_analysis_notebook_runs_headless_from_its_own_folder(project, monkeypatch):
+    """After the tiny analysis run above, `notebooks/analysis.ipynb` executes with its kernel started in
+    `notebooks/` (as Jupyter and `kedro jupyter notebook` start it), finds its figures from the project root and
+    draws its last figure inline."""
+    monkeypatch.setenv("KEDRO_ENV", "tiny")
+    monkeypatch.setenv("KEDRO_DISABLE_TELEMETRY", "1")
+    notebook = nbformat.read(project / "notebooks" / "analysis.ipynb", as_version=4)
+    resources = {"metadata": {"path": str(project / "notebooks")}}
+    NotebookClient(notebook, timeout=600, kernel_name="python3", resources=resources).execute()
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    images = [any("image/png" in out.get("data", {}) for out in cell.outputs) for cell in code]
+    assert images == [
+        False,
+        False,
+        True,
+        True,
+        True,
+        True,
+        True,
+    ]  # the four saved figures, then the drawn one
 
 
 def test_tiny_drloc_experiment_trains_both_arms_per_seed_and_resumes_finished_runs(project):

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use("Agg")  # figures are written to files; never open a window
-import matplotlib.pyplot as plt  # noqa: E402
-from PIL import Image  # noqa: E402
+from matplotlib.figure import Figure
+from PIL import Image
 
 
-def plot_pairs(pairs: list[tuple[Image.Image, Image.Image, str]], title: str, columns: int = 4) -> plt.Figure:
+def plot_pairs(pairs: list[tuple[Image.Image, Image.Image, str]], title: str, columns: int = 4) -> Figure:
     """A grid of (query, reference, caption) pairs: each pair is two images side by side under its caption."""
     rows = max(1, -(-len(pairs) // columns))
-    fig, axes = plt.subplots(rows, 2 * columns, figsize=(2.4 * columns, 1.45 * rows + 0.6), squeeze=False)
+    fig = Figure(figsize=(2.4 * columns, 1.45 * rows + 0.6))
+    axes = fig.subplots(rows, 2 * columns, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for k, (query, reference, caption) in enumerate(pairs):

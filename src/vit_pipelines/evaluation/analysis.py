@@ -11,14 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import matplotlib
+import numpy as np
+import torch
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # figures are written to files; never open a window
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from vit_pipelines.models.vit import VisionTransformer  # noqa: E402
+from vit_pipelines.models.vit import VisionTransformer
 
 
 def patch_embedding_components(model: VisionTransformer, count: int = 28) -> tuple[np.ndarray, np.ndarray]:
@@ -102,10 +99,11 @@ def attention_distances(model: VisionTransformer, images: torch.Tensor) -> np.nd
 
 
 # ----------------------------------------------------------------------------------------------------- figures
-def plot_components(components: np.ndarray, variance: np.ndarray) -> plt.Figure:
+def plot_components(components: np.ndarray, variance: np.ndarray) -> Figure:
     columns = 7
     rows = -(-len(components) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(1.3 * columns, 1.45 * rows + 0.5), squeeze=False)
+    fig = Figure(figsize=(1.3 * columns, 1.45 * rows + 0.5))
+    axes = fig.subplots(rows, columns, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for k, (ax, component) in enumerate(zip(axes.flat, components, strict=False)):
@@ -116,9 +114,10 @@ def plot_components(components: np.ndarray, variance: np.ndarray) -> plt.Figure:
     return fig
 
 
-def plot_position_similarity(similarity: np.ndarray) -> plt.Figure:
+def plot_position_similarity(similarity: np.ndarray) -> Figure:
     rows, cols = similarity.shape[:2]
-    fig, axes = plt.subplots(rows, cols, figsize=(0.7 * cols + 1.2, 0.7 * rows + 0.6), squeeze=False)
+    fig = Figure(figsize=(0.7 * cols + 1.2, 0.7 * rows + 0.6))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for r in range(rows):
         for c in range(cols):
             image = axes[r, c].imshow(similarity[r, c], vmin=-1, vmax=1, cmap="viridis")
@@ -129,8 +128,9 @@ def plot_position_similarity(similarity: np.ndarray) -> plt.Figure:
     return fig
 
 
-def plot_attention_distance(distances: np.ndarray, image_size: tuple[int, int]) -> plt.Figure:
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+def plot_attention_distance(distances: np.ndarray, image_size: tuple[int, int]) -> Figure:
+    fig = Figure(figsize=(5.5, 4))
+    ax = fig.subplots()
     layers, heads = distances.shape
     for head in range(heads):
         ax.scatter(np.arange(1, layers + 1), distances[:, head], s=14, label=f"head {head + 1}")
@@ -147,10 +147,11 @@ def plot_attention_distance(distances: np.ndarray, image_size: tuple[int, int]) 
     return fig
 
 
-def plot_rollout(images: np.ndarray, maps: np.ndarray) -> plt.Figure:
+def plot_rollout(images: np.ndarray, maps: np.ndarray) -> Figure:
     """`images` `[B, H, W, 3]` uint8 beside the rollout map upsampled over them."""
     count = len(images)
-    fig, axes = plt.subplots(2, count, figsize=(1.6 * count, 3.5), squeeze=False)
+    fig = Figure(figsize=(1.6 * count, 3.5))
+    axes = fig.subplots(2, count, squeeze=False)
     for k in range(count):
         axes[0, k].imshow(images[k])
         heat = np.kron(maps[k], np.ones((images.shape[1] // maps.shape[1], images.shape[2] // maps.shape[2])))

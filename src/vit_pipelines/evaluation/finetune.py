@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from vit_pipelines.data.loader import content_fingerprint
 from vit_pipelines.evaluation.classification import evaluate_accuracy
@@ -109,21 +110,22 @@ def finetune_and_test(
     return run, scores
 
 
-def plot_finetune(per_dataset: Mapping[str, Mapping[str, Any]]) -> plt.Figure:
+def plot_finetune(per_dataset: Mapping[str, Mapping[str, Any]]) -> Figure:
     """One row per dataset: the final run's curves (`plot_curves`: loss, train and test accuracy) and the dev
     accuracy of every learning rate of the grid, the chosen one in orange, beside the final test accuracies.
 
     Each result needs `history`, `dev_accuracy` ({lr: accuracy}), `chosen_lr`, `test_accuracy` and
     `test_accuracy_ema` (None without EMA); an optional `from_scratch` result is drawn as a red dotted line."""
-    fig, axes = plt.subplots(
-        len(per_dataset), 2, figsize=(14, 3.9 * len(per_dataset)), width_ratios=[10, 4], squeeze=False
-    )
+    fig = Figure(figsize=(14, 3.9 * len(per_dataset)))
+    axes = fig.subplots(len(per_dataset), 2, width_ratios=[10, 4], squeeze=False)
     for (curves_ax, bars_ax), (name, result) in zip(axes, per_dataset.items(), strict=True):
         curves = plot_curves(result["history"], f"{name}: fine-tuning at lr {result['chosen_lr']:g}")
-        curves.canvas.draw()  # drawn once as an image, so the curves stay exactly plot_curves' figure
-        curves_ax.imshow(np.asarray(curves.canvas.buffer_rgba()))
+        canvas = FigureCanvasAgg(
+            curves
+        )  # drawn once as an image, so the curves stay exactly plot_curves' figure
+        canvas.draw()
+        curves_ax.imshow(np.asarray(canvas.buffer_rgba()))
         curves_ax.set_axis_off()
-        plt.close(curves)
         lrs = sorted(result["dev_accuracy"])
         colours = ["tab:orange" if lr == result["chosen_lr"] else "tab:blue" for lr in lrs]
         bars_ax.bar([f"{lr:g}" for lr in lrs], [result["dev_accuracy"][lr] for lr in lrs], color=colours)

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use("Agg")  # figures are written to files; never open a window
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure
 
 
-def plot_curves(records: list[dict[str, float]], title: str) -> plt.Figure:
+def plot_curves(records: list[dict[str, float]], title: str) -> Figure:
     """Loss and accuracy against steps: training (running mean between logs), every evaluation and, when the
     run probed it, few-shot accuracy per downstream set (as the paper's Fig. 4)."""
     train_logs = [r for r in records if "loss" in r]
     evals = sorted({k for r in records for k in r if k.endswith("accuracy") and k != "accuracy"})
     fewshot = [k for k in evals if k.startswith("fewshot_")]
     panels = 3 if fewshot else 2
-    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.8))
+    fig = Figure(figsize=(5 * panels, 3.8))
+    axes = fig.subplots(1, panels)
     ax_loss, ax_acc = axes[0], axes[1]
     ax_loss.plot([r["step"] for r in train_logs], [r["loss"] for r in train_logs], label="train")
     for term in sorted({k for r in train_logs for k in r if k.endswith("_loss")}):  # DRLoc's terms
@@ -40,9 +38,10 @@ def plot_curves(records: list[dict[str, float]], title: str) -> plt.Figure:
     return fig
 
 
-def plot_fewshot(per_dataset: dict[str, dict]) -> plt.Figure:
+def plot_fewshot(per_dataset: dict[str, dict]) -> Figure:
     """Accuracy against shots per class, one panel per dataset: each model's mean over seeds with its 95% CI."""
-    fig, axes = plt.subplots(1, len(per_dataset), figsize=(4.2 * len(per_dataset), 3.6), squeeze=False)
+    fig = Figure(figsize=(4.2 * len(per_dataset), 3.6))
+    axes = fig.subplots(1, len(per_dataset), squeeze=False)
     for ax, (name, result) in zip(axes[0], per_dataset.items(), strict=True):
         for kind, style in (("pretrained", "o-"), ("random_init", "s--")):
             shots = [int(k) for k in result[kind]]
@@ -58,10 +57,11 @@ def plot_fewshot(per_dataset: dict[str, dict]) -> plt.Figure:
     return fig
 
 
-def plot_drloc_comparison(runs: list[dict]) -> plt.Figure:
+def plot_drloc_comparison(runs: list[dict]) -> Figure:
     """Held-out accuracy per seed without and with DRLoc (a line joins the runs of one seed), and each run's
     classification loss against steps."""
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig = Figure(figsize=(10, 3.8))
+    (ax_acc, ax_loss) = fig.subplots(1, 2)
     seeds = sorted({r["seed"] for r in runs})
     for seed in seeds:
         pair = sorted((r for r in runs if r["seed"] == seed), key=lambda r: r["drloc"])

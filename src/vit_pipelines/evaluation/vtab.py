@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import datasets
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.figure import Figure
 
 from vit_pipelines.fields import check_known_fields
 
@@ -122,9 +122,10 @@ def summarise(results: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     }
 
 
-def plot_vtab(results: Mapping[str, Mapping[str, Any]], summary: Mapping[str, Any]) -> plt.Figure:
+def plot_vtab(results: Mapping[str, Mapping[str, Any]], summary: Mapping[str, Any]) -> Figure:
     """One panel per group, as the paper's Fig. 2: test accuracy per task, the group mean as a line."""
-    fig, axes = plt.subplots(1, len(GROUPS), figsize=(15, 4), squeeze=False)
+    fig = Figure(figsize=(15, 4))
+    axes = fig.subplots(1, len(GROUPS), squeeze=False)
     colours = dict(zip(GROUPS, ("tab:green", "tab:purple", "tab:orange"), strict=True))
     for ax, group in zip(axes[0], GROUPS, strict=True):
         names = [n for n, r in results.items() if r["group"] == group]

@@ -6,9 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 import datasets
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 
 from vit_pipelines.data.loader import eval_batches
 from vit_pipelines.evaluation import analysis
@@ -29,12 +29,12 @@ def _images(
     return next(eval_batches(cache.select(range(min(count, len(cache)))), pp, count))["images"]
 
 
-def patch_embedding(model: VisionTransformer, params: dict[str, Any]) -> tuple[dict[str, Any], plt.Figure]:
+def patch_embedding(model: VisionTransformer, params: dict[str, Any]) -> tuple[dict[str, Any], Figure]:
     components, variance = analysis.patch_embedding_components(model, params["components"])
     return {"explained_variance": variance.round(5).tolist()}, analysis.plot_components(components, variance)
 
 
-def position_embedding(model: VisionTransformer) -> tuple[dict[str, Any], plt.Figure]:
+def position_embedding(model: VisionTransformer) -> tuple[dict[str, Any], Figure]:
     similarity = analysis.position_similarity(model)
     rows, cols = similarity.shape[:2]
     flat = similarity.reshape(rows * cols, rows * cols)
@@ -49,7 +49,7 @@ def position_embedding(model: VisionTransformer) -> tuple[dict[str, Any], plt.Fi
 
 def attention_distance(
     model: VisionTransformer, cache: datasets.Dataset, params: dict[str, Any]
-) -> tuple[dict[str, Any], plt.Figure]:
+) -> tuple[dict[str, Any], Figure]:
     distances = analysis.attention_distances(model, _images(model, cache, params, params["distance_images"]))
     numbers = {"mean_attention_distance_px": distances.round(3).tolist(), "images": params["distance_images"]}
     return numbers, analysis.plot_attention_distance(distances, model.config.image_size)
@@ -57,7 +57,7 @@ def attention_distance(
 
 def attention_rollout(
     model: VisionTransformer, cache: datasets.Dataset, params: dict[str, Any]
-) -> tuple[dict[str, Any], plt.Figure]:
+) -> tuple[dict[str, Any], Figure]:
     images = _images(model, cache, params, params["rollout_images"])
     maps = analysis.rollout_maps(model, images)
     pixels = ((images.permute(0, 2, 3, 1).numpy() + 1.0) * 127.5).clip(0, 255).astype(np.uint8)

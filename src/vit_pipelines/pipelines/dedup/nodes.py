@@ -12,9 +12,9 @@ from dataclasses import asdict
 from typing import Any
 
 import datasets
-import matplotlib.pyplot as plt
 import numpy as np
 from accelerate.utils import gather_object
+from matplotlib.figure import Figure
 from PIL import ImageOps
 
 from vit_pipelines.data import embedded
@@ -158,7 +158,7 @@ def _embedded_leak_recall(pretrain: datasets.Dataset, matches: list[dict], seed:
 
 def plot_duplicates(
     pretrain: datasets.Dataset, duplicates: dict, params: dict[str, Any], **test_sets: datasets.Dataset
-) -> plt.Figure:
+) -> Figure:
     """Up to `params["pairs_shown"]` removed pairs (pretraining | test image, mirrored when matched so): the
     borderline ones first, lowest score first, then certain ones evenly spaced from the lowest score to the
     highest, so the most doubtful matches are always in view."""

@@ -7,7 +7,7 @@ import statistics
 from typing import Any
 
 import datasets
-import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 
 from vit_pipelines.data.cache import num_classes
 from vit_pipelines.evaluation.classification import evaluate_accuracy
@@ -23,7 +23,7 @@ def compare_drloc(
     minival: datasets.Dataset,
     pretrain: dict[str, Any],
     experiment: dict[str, Any],
-) -> tuple[dict[str, Any], plt.Figure]:
+) -> tuple[dict[str, Any], Figure]:
     """Train `pretrain`'s model and budget from scratch once without and once with `experiment["drloc"]` per
     seed in `experiment["seeds"]` (the seed sets the initial weights, the data order and augmentation), then
     score each on the held-out minival split. Every run checkpoints, so an interrupted experiment resumes."""

@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 import datasets
-import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 
 from vit_pipelines.data.cache import cache_images, label_array
 from vit_pipelines.evaluation.features import cached_features
@@ -60,7 +60,7 @@ def evaluate_dataset(
     return results
 
 
-def report(**per_dataset: dict[str, Any]) -> tuple[dict[str, Any], plt.Figure]:
+def report(**per_dataset: dict[str, Any]) -> tuple[dict[str, Any], Figure]:
     """`fewshot_results.json` (every dataset, shot count and seed) and a plot of accuracy against shots."""
     summary = {}
     for name, result in per_dataset.items():

@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 import datasets
-import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 
 from vit_pipelines.data.cache import cache_images, num_classes
 from vit_pipelines.evaluation.finetune import best_lr, dev_accuracies, finetune_and_test, plot_finetune
@@ -142,7 +142,7 @@ def _jsonable(result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def report(**per_dataset: dict[str, Any]) -> tuple[dict[str, Any], plt.Figure]:
+def report(**per_dataset: dict[str, Any]) -> tuple[dict[str, Any], Figure]:
     """`finetune_metrics.json` (per dataset: chosen LR, dev accuracy per LR, test accuracy raw and EMA, sizes,
     the from-scratch baseline) and the curves of the final runs beside the dev accuracy of every LR."""
     metrics = {

@@ -7,8 +7,8 @@ from collections import Counter
 from typing import Any
 
 import datasets
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.figure import Figure
 
 from vit_pipelines.data.cache import (
     ShardBuild,
@@ -158,7 +158,7 @@ def pretrain(
 
 def evaluate(
     model: VisionTransformer, minival: datasets.Dataset, history: dict[str, Any], params: dict[str, Any]
-) -> tuple[dict[str, Any], plt.Figure]:
+) -> tuple[dict[str, Any], Figure]:
     """Final minival accuracy beside the run's facts, and the training curves. For masked patch prediction
     the accuracy is the colour accuracy measured at the last step (it needs the objective's [mask] token)."""
     records = history["records"]

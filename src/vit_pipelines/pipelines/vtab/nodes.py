@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 
 from vit_pipelines.data.cache import cache_images, num_classes
 from vit_pipelines.data.sources import load_image_dataset
@@ -155,7 +155,7 @@ def final_task(
 
 def report(
     params: dict[str, Any], choice: dict[str, Any], **results: dict[str, Any]
-) -> tuple[dict[str, Any], plt.Figure]:
+) -> tuple[dict[str, Any], Figure]:
     """`vtab_results.json` (per task: group, chosen setting, val200 of every setting, test accuracy; per group
     mean; overall mean) and the per-group bar plot."""
     summary = summarise(results)
