@@ -17,15 +17,14 @@ from accelerate.utils import gather_object
 from matplotlib.figure import Figure
 from PIL import ImageOps
 
-from vit_pipelines.data import embedded
 from vit_pipelines.data.ops import open_image
 from vit_pipelines.dedup import DedupConfig, build_index, join_references, search
 from vit_pipelines.dedup.plots import plot_pairs
+from vit_pipelines.dedup.report import embedded_leak_recall, summarise_matches
 from vit_pipelines.dedup.search import SKIPPED_EXAMPLES
 from vit_pipelines.training.loop import process_state
 
 log = logging.getLogger(__name__)
-LOWEST_SHOWN = 5  # lowest-scoring removals listed in the report
 
 
 def find_duplicates(
@@ -99,25 +98,10 @@ def report_duplicates(pretrain: datasets.Dataset, duplicates: dict, params: dict
     are certain and borderline, and the lowest-scoring removals; the images kept; the settings and speed; on
     the embedded default, recall of its documented leaked copies and how many removals they are."""
     matches = duplicates["matches"]
-    bands = Counter(m.get("band", "certain") for m in matches)
     report = {
         "pretrain_images": duplicates["pretrain_images"],
         "kept": duplicates["pretrain_images"] - len(matches),
-        "removed": len(matches),
-        "bands": {"certain": bands["certain"], "borderline": bands["borderline"]},
-        "lowest_scores": sorted(matches, key=lambda m: m["score"])[:LOWEST_SHOWN],
-        "test_sets": {
-            name: {
-                "test_images": size,
-                "removed": sum(m["test_set"] == name for m in matches),
-                "pairs": [
-                    [m["pretrain_index"], m["test_index"], m["score"]]
-                    for m in matches
-                    if m["test_set"] == name
-                ],
-            }
-            for name, size in duplicates["test_images"].items()
-        },
+        **summarise_matches(matches, duplicates["test_images"]),
         "unreadable": duplicates["unreadable"],
         "unreadable_examples": duplicates.get("unreadable_examples", {}),
         "config": asdict(DedupConfig.from_params(params, process_state().num_processes)),
@@ -126,34 +110,19 @@ def report_duplicates(pretrain: datasets.Dataset, duplicates: dict, params: dict
         "images_per_second": round(duplicates["pretrain_images"] / max(duplicates["seconds"], 1e-9), 1),
     }
     if params.get("known_leaks") == "embedded":
-        report["known_leaks"] = _embedded_leak_recall(pretrain, matches, params.get("embedded_seed", 0))
+        names = getattr(pretrain.features.get("label"), "names", None)
+        report["known_leaks"] = embedded_leak_recall(
+            names, len(pretrain), matches, params.get("embedded_seed", 0)
+        )
     leaks = report.get("known_leaks", {}).get("found")
     log.info(
         "removed %d pretraining images: %d certain, %d borderline%s",
         len(matches),
-        bands["certain"],
-        bands["borderline"],
+        report["bands"]["certain"],
+        report["bands"]["borderline"],
         "" if leaks is None else f"; {leaks} of them are the embedded default's planted leaks",
     )
     return report
-
-
-def _embedded_leak_recall(pretrain: datasets.Dataset, matches: list[dict], seed: int) -> dict:
-    """The matches against `embedded.leaked_copies` if `pretrain` is the embedded default (by its classes)."""
-    if getattr(pretrain.features.get("label"), "names", None) != list(embedded.PRETRAIN_CLASS_NAMES):
-        return {"skipped": "the pretraining set is not the embedded default"}
-    leaks = {leak["pretrain_index"]: leak for leak in embedded.leaked_copies(len(pretrain), seed)}
-    found = {m["pretrain_index"]: m for m in matches}
-    hits = [q for q, leak in leaks.items() if found.get(q, {}).get("test_set") == leak["downstream"]]
-    return {
-        "leaked_copies": len(leaks),
-        "found": len(hits),
-        "recall": len(hits) / len(leaks) if leaks else None,
-        "matched_to_the_copied_image": sum(found[q]["test_index"] == leaks[q]["test_index"] for q in hits),
-        "removals_that_are_leaks": f"{len(hits)} of {len(matches)}",
-        "missed": [leak for q, leak in leaks.items() if q not in hits],
-        "removed_not_leaked": [m for q, m in found.items() if q not in leaks],
-    }
 
 
 def plot_duplicates(
