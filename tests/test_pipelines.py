@@ -37,7 +37,9 @@ def test_registry_lists_the_pipelines(project):
 
 
 def test_tiny_dedup_removes_the_leaked_test_copies(project):
-    kedro(project, "run", "--env", "tiny", "--pipeline", "dedup")
+    result = kedro(project, "run", "--env", "tiny", "--pipeline", "dedup")
+    summary = [line for line in (result.stdout + result.stderr).splitlines() if "borderline;" in line]
+    assert len(summary) == 1 and "planted leaks" in summary[0]  # a log line is not wrapped off a terminal
     out = project / "data" / "tiny"
     report = json.loads((out / "08_reporting" / "dedup_report.json").read_text())
     leaks = embedded.leaked_copies(600)  # conf/tiny/catalog.yml: 600 images, one leaked copy per test set
@@ -140,7 +142,7 @@ def test_fewshot_without_a_checkpoint_says_what_to_do(tmp_path_factory, project)
         text=True, timeout=600, check=False,
     )  # fmt: skip
     assert result.returncode != 0
-    assert "kedro run --pipeline pretrain" in result.stdout + result.stderr
+    assert "run `kedro run --env tiny --pipeline pretrain` first" in result.stdout + result.stderr  # its env's
 
 
 def test_tiny_finetune_chooses_a_learning_rate_on_dev_and_tests_raw_and_ema_weights(project):

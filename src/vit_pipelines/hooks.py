@@ -113,7 +113,7 @@ class UseRunGlobals:
 
     @hook_impl
     def after_context_created(self, context: Any) -> None:
-        use_run_globals(context.config_loader["globals"])
+        use_run_globals(context.config_loader["globals"], context.env)
 
 
 class CheckParameters:

@@ -1,5 +1,8 @@
 """Kedro project settings (https://docs.kedro.org/en/stable/kedro_project_setup/settings.html)."""
 
+import os
+import sys
+
 from kedro.config import OmegaConfigLoader
 
 from vit_pipelines.hooks import (
@@ -21,6 +24,10 @@ HOOKS = (
     OneRunPerDataFolder(),
     QuietNonMainRanks(),
 )
+
+# Logs written to a file or a CI log keep whole lines: rich wraps at 80 columns where it finds no terminal.
+if not sys.stdout.isatty():
+    os.environ.setdefault("COLUMNS", "200")
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import datasets
 import torch
 from accelerate import Accelerator
@@ -62,3 +64,18 @@ def objective_accuracy(
     if accelerator is not None:
         correct, seen = accelerator.reduce(torch.stack([correct, seen]), reduction="sum")
     return correct.item() / max(seen.item(), 1)
+
+
+@dataclass
+class HeldOutAccuracy:
+    """`objective_accuracy` on held-out images as a training-loop evaluator: `(model, accelerator)` →
+    `{"minival_accuracy": …}` (labels for classification, the corrupted patches' colours for masked patches)."""
+
+    objective: Classification | MaskedPatchPrediction
+    images: datasets.Dataset
+    pp: str
+    batch_size: int = 256
+
+    def __call__(self, model: torch.nn.Module, accelerator: Accelerator) -> dict[str, float]:
+        accuracy = objective_accuracy(self.objective, self.images, self.pp, self.batch_size, accelerator)
+        return {"minival_accuracy": accuracy}

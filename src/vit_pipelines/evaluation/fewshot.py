@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import datasets
@@ -112,6 +113,21 @@ def cache_fewshot_sets(
         )
         for name, (train, test) in raw.items()
     }
+
+
+@dataclass
+class FewshotProbe:
+    """The few-shot probe as a training-loop evaluator: `(model, accelerator)` → `fewshot_accuracies`."""
+
+    sets: dict[str, tuple[datasets.Dataset, datasets.Dataset]]
+    pp: str
+    shots: Sequence[int]
+    seeds: int = 1
+    l2_reg: float = DEFAULT_L2_REG
+
+    def __call__(self, model: VisionTransformer, accelerator: Any) -> dict[str, float]:
+        net = accelerator.unwrap_model(model)
+        return fewshot_accuracies(net, self.sets, self.pp, self.shots, self.seeds, self.l2_reg)
 
 
 def fewshot_accuracies(

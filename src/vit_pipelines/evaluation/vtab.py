@@ -16,6 +16,8 @@ import datasets
 import numpy as np
 from matplotlib.figure import Figure
 
+from vit_pipelines.data.cache import num_classes
+from vit_pipelines.data.sources import load_image_dataset
 from vit_pipelines.fields import check_known_fields
 
 GROUPS = ("natural", "specialized", "structured")
@@ -73,6 +75,30 @@ def vtab_splits(
         "val200": val200,
         "train800val200": datasets.concatenate_datasets([train800, val200]),
     }
+
+
+def load_task_splits(
+    task: Task, seed: int, train_size: int = 800, val_size: int = 200, test_limit: int | None = None
+) -> dict[str, datasets.Dataset]:
+    """train800 / val200 / train800val200 (`vtab_splits`) and test of `task`, read from its source, not yet
+    decoded; at most `test_limit` test examples where given."""
+
+    def load(split: str | None, limit: int | None = None) -> datasets.Dataset | None:
+        if split is None:
+            return None
+        columns = {"image_column": task.image_column, "label_column": task.label_column}
+        return load_image_dataset(task.source, split, limit=limit, **columns)
+
+    raw = vtab_splits(load(task.train_split), load(task.val_split), seed, train_size, val_size)
+    return {**raw, "test": load(task.test_split, test_limit)}
+
+
+def task_classes(task: Task, *labelled: datasets.Dataset) -> int:
+    """The task's number of classes: the registry's, checked against the labels, else the labels'."""
+    found = max(num_classes(ds) for ds in labelled)
+    if task.num_classes is not None and found > task.num_classes:
+        raise ValueError(f"labels reach {found - 1} but the registry says {task.num_classes} classes")
+    return task.num_classes or found
 
 
 def train_pp(task: Task, size: int, crop_op: str, no_crop_op: str, flip_op: str) -> str:

@@ -18,12 +18,20 @@ from kedro.pipeline import Pipeline, pipeline
 from vit_pipelines.data.embedded import DOWNSTREAM_NAMES
 from vit_pipelines.models import VisionTransformer, load_pretrained
 
-_SESSION: dict[str, dict[str, Any]] = {}  # "globals": the running session's, set by the `UseRunGlobals` hook
+_SESSION: dict[str, Any] = {}  # "globals" and "env": the running session's, set by the `UseRunGlobals` hook
 
 
-def use_run_globals(values: dict[str, Any]) -> None:
-    """Build pipelines from these globals (the session's config loader resolved them for its environment)."""
+def use_run_globals(values: dict[str, Any], env: str | None = None) -> None:
+    """Build pipelines from these globals (the session's config loader resolved them for its environment
+    `env`, which commands suggested to the user then name)."""
     _SESSION["globals"] = dict(values)
+    _SESSION["env"] = env
+
+
+def run_command(pipeline: str) -> str:
+    """`kedro run --pipeline <pipeline>` in the running session's environment (`--env tiny` where it is)."""
+    env = _SESSION.get("env")
+    return f"kedro run{'' if env in (None, 'local') else f' --env {env}'} --pipeline {pipeline}"
 
 
 def run_globals(conf_source: str | Path = "conf", env: str | None = None) -> dict[str, Any]:
@@ -72,7 +80,7 @@ def start_model(
         return load_pretrained(checkpoint["path"], format=checkpoint.get("format", "auto"), **load_options)
     if pretrained_model is None:
         raise ValueError(
-            "no pretrained model found: run `kedro run --pipeline pretrain` first, or set "
+            f"no pretrained model found: run `{run_command('pretrain')}` first, or set "
             f"{pipeline}.checkpoint.path (and format) in conf/local/parameters_{pipeline}.yml"
         )
     return pretrained_model

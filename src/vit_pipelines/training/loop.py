@@ -13,6 +13,7 @@ noticed at the next log or checkpoint step (still no per-step sync) and stops th
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
 import ctypes
@@ -187,7 +188,20 @@ def process_state() -> PartialState:
     """Accelerate's per-process state: the process group under `accelerate launch`. `ACCELERATE_USE_CPU` is
     honoured as `Accelerator` honours it; a bare `PartialState()` would not, and, being shared, would leave a
     CPU launch without its gloo ranks."""
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    if state.num_processes > 1 and not _LEAVING:
+        _LEAVING.append(atexit.register(_leave_process_group))
+    return state
+
+
+_LEAVING: list = []  # the exit handler, once registered
+
+
+def _leave_process_group() -> None:
+    """At exit, before C++ teardown: a gloo process group left standing aborts some exits with `terminate
+    called without an active exception` (SIGABRT) after all work is done."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def rank_share(rows: int, rank: int, world: int) -> range:

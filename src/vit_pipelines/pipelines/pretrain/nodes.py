@@ -20,8 +20,8 @@ from vit_pipelines.data.cache import (
     split_rows,
 )
 from vit_pipelines.data.streaming import StreamedImages
-from vit_pipelines.evaluation.classification import evaluate_accuracy, objective_accuracy
-from vit_pipelines.evaluation.fewshot import cache_fewshot_sets, fewshot_accuracies, pp_for_size
+from vit_pipelines.evaluation.classification import HeldOutAccuracy, evaluate_accuracy
+from vit_pipelines.evaluation.fewshot import FewshotProbe, cache_fewshot_sets, pp_for_size
 from vit_pipelines.evaluation.plots import plot_curves
 from vit_pipelines.models import VisionTransformer, ViTConfig
 from vit_pipelines.training.loop import TrainConfig, make_accelerator, process_state, shares_per_rank, train
@@ -120,15 +120,11 @@ def pretrain(
         probe.get("max_train_per_class"),
     )
 
-    def minival_accuracy(model: VisionTransformer, accelerator: Any) -> dict[str, float]:
-        # labels for classification; the corrupted patches' colours for masked patch prediction
-        return {"minival_accuracy": objective_accuracy(objective, minival, pp_eval, eval_batch, accelerator)}
-
-    def fewshot(model: VisionTransformer, accelerator: Any) -> dict[str, float]:
-        net = accelerator.unwrap_model(model)
-        return fewshot_accuracies(net, sets, probe["pp"], probe["shots"], probe["seeds"], probe["l2_reg"])
-
-    evaluators = {"minival_accuracy": minival_accuracy} | ({"fewshot": fewshot} if sets else {})
+    evaluators = {"minival_accuracy": HeldOutAccuracy(objective, minival, pp_eval, eval_batch)}
+    if sets:
+        evaluators["fewshot"] = FewshotProbe(
+            sets, probe["pp"], probe["shots"], probe["seeds"], probe["l2_reg"]
+        )
     log.info(
         "pretraining %s (%.1fM parameters) for %d steps",
         model.config.variant,

@@ -13,18 +13,18 @@ from typing import Any
 import datasets
 from matplotlib.figure import Figure
 
-from vit_pipelines.data.cache import cache_images, num_classes
-from vit_pipelines.data.sources import load_image_dataset
+from vit_pipelines.data.cache import cache_images
 from vit_pipelines.evaluation.finetune import accuracy_as_trained, finetune
 from vit_pipelines.evaluation.vtab import (
     Task,
+    load_task_splits,
     mean_val_scores,
     plot_vtab,
     select_setting,
     setting_name,
     summarise,
+    task_classes,
     train_pp,
-    vtab_splits,
 )
 from vit_pipelines.models import VisionTransformer
 from vit_pipelines.models.surgery import for_finetuning
@@ -39,36 +39,15 @@ def select_model(pretrained_model: VisionTransformer | None, params: dict[str, A
     return start_model(pretrained_model, params, pipeline="vtab", num_classes=1)
 
 
-def _raw_splits(task: Task, params: dict[str, Any]) -> dict[str, datasets.Dataset]:
-    """train800 / val200 / train800val200 / test of `task`, not yet decoded."""
-
-    def load(split: str | None) -> datasets.Dataset | None:
-        if split is None:
-            return None
-        return load_image_dataset(
-            task.source,
-            split,
-            image_column=task.image_column,
-            label_column=task.label_column,
-            limit=params.get("test_limit") if split == task.test_split else None,
-        )
-
-    raw = vtab_splits(
-        load(task.train_split), load(task.val_split), params["seed"], params["train_size"], params["val_size"]
+def _splits(task: Task, params: dict[str, Any]) -> dict[str, datasets.Dataset]:
+    return load_task_splits(
+        task, params["seed"], params["train_size"], params["val_size"], params.get("test_limit")
     )
-    return {**raw, "test": load(task.test_split)}
 
 
 def _decoded(raw: dict[str, datasets.Dataset], names: tuple[str, ...], params: dict[str, Any]) -> list:
     """The splits `names` decoded and resized once (`params["pp_cache"]`); the others are left alone."""
     return [cache_images(raw[name], params["pp_cache"])[0] for name in names]
-
-
-def _classes(task: Task, *labelled: datasets.Dataset) -> int:
-    found = max(num_classes(ds) for ds in labelled)
-    if task.num_classes is not None and found > task.num_classes:
-        raise ValueError(f"labels reach {found - 1} but the registry says {task.num_classes} classes")
-    return task.num_classes or found
 
 
 def _train_and_score(
@@ -97,11 +76,9 @@ def sweep_task(pretrained: VisionTransformer, params: dict[str, Any], *, task: s
     """val200 accuracy of every setting of `params["settings"]`, each trained on train800."""
     spec = Task.from_params(task, params["tasks"][task])
     try:
-        raw = _raw_splits(spec, params)
-        train800, val200 = _decoded(
-            raw, ("train800", "val200"), params
-        )  # the test split waits for the final run
-        classes = _classes(spec, train800, val200, raw["test"])
+        raw = _splits(spec, params)
+        train800, val200 = _decoded(raw, ("train800", "val200"), params)  # test waits for the final run
+        classes = task_classes(spec, train800, val200, raw["test"])
         scores = {
             setting_name(s): _train_and_score(pretrained, spec, train800, val200, classes, s, params)
             for s in params["settings"]
@@ -136,7 +113,7 @@ def final_task(
     spec = Task.from_params(task, params["tasks"][task])
     setting = next(s for s in params["settings"] if setting_name(s) == choice["setting"])
     try:
-        train, test = _decoded(_raw_splits(spec, params), ("train800val200", "test"), params)
+        train, test = _decoded(_splits(spec, params), ("train800val200", "test"), params)
         accuracy = _train_and_score(pretrained, spec, train, test, sweep["num_classes"], setting, params)
     except Exception as err:  # reported, so that the other tasks still finish
         log.exception("VTAB task %s failed in its final run", task)
