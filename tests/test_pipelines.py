@@ -142,7 +142,7 @@ def test_fewshot_without_a_checkpoint_says_what_to_do(tmp_path_factory, project)
         text=True, timeout=600, check=False,
     )  # fmt: skip
     assert result.returncode != 0
-    assert "run `kedro run --env tiny --pipeline pretrain` first" in result.stdout + result.stderr  # its env's
+    assert "run `kedro run --env tiny --pipeline pretrain` first" in result.stdout + result.stderr
 
 
 def test_tiny_finetune_chooses_a_learning_rate_on_dev_and_tests_raw_and_ema_weights(project):
