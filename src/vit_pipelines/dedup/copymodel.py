@@ -38,8 +38,9 @@ CONTENT_MARGIN = 2  # ... and this many pixels around it
 SHAPE_FOR_DETAIL = ((0.15, 0.99), (0.3, 0.9))
 """(detail area, least shape correlation): 0.99 up to 15% of the box holding content, 0.9 from 30%, linear
 between."""
-CERTAIN_MARGIN = 0.01  # a copy whose shape clears its limit by this much (and scores high) is `certain` ...
-CERTAIN_DETAIL = 0.3  # ... if this much of its box holds content: a low-detail match is always borderline
+CERTAIN_SCORE = 0.95  # `certain`: a stage-2 score of at least this, ...
+CERTAIN_MARGIN = 0.01  # ... a shape that clears its limit by this much, ...
+CERTAIN_DETAIL = 0.3  # ... and this much of the box holding content: a low-detail match is always borderline
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,15 @@ class CopyEvidence:
         return failed
 
 
+def certain(score: float, evidence: CopyEvidence | None) -> bool:
+    """Whether a match of stage-2 `score` (and, with the copy model on, `evidence`) is certain, not
+    borderline: see `CERTAIN_SCORE`, `CERTAIN_MARGIN`, `CERTAIN_DETAIL`."""
+    return score >= CERTAIN_SCORE and (
+        evidence is None
+        or (evidence.detail >= CERTAIN_DETAIL and evidence.shape >= evidence.least_shape + CERTAIN_MARGIN)
+    )
+
+
 def least_shape(detail: float) -> float:
     """The shape correlation a copy must reach when `detail` of its box holds content."""
     (few, strict), (many, loose) = SHAPE_FOR_DETAIL
@@ -97,24 +107,18 @@ def copy_evidence(query: np.ndarray, reference: np.ndarray, box: np.ndarray, cen
         magnitude = np.hypot(*g)
         content |= magnitude > CONTENT_LEVEL * max(float(magnitude.max()), 1e-9)
     content = ndimage.binary_dilation(content, iterations=CONTENT_MARGIN)
-    shape = _cosine(gradients[0][:, content], gradients[1][:, content])
+    shape, detail = _cosine(gradients[0][:, content], gradients[1][:, content]), float(content.mean())
 
     qb, rb = (ndimage.gaussian_filter(v, (0, SHAPE_SIGMA, SHAPE_SIGMA)) for v in (q, r))  # JPEG blurs chroma
     qc, rc = qb[1:], rb[1:]
     if np.sqrt(np.mean(qc**2)) < MIN_CHROMA:
-        return CopyEvidence(luma, gain, shape, float(content.mean()), 1.0, None, 0.0)
+        return CopyEvidence(luma, gain, shape, detail, 1.0, None, 0.0)
     chroma_gain = float((qc * rc).sum() / max(float((rc * rc).sum()), 1e-9))
     qr, rr = (c[:, content] - c[:, content].mean(axis=1, keepdims=True) for c in (qc, rc))
     contrast = float(qb[0][content].std())
     residual = np.sqrt(np.mean(np.sum((qr - chroma_gain * rr) ** 2, axis=0))) / max(contrast, 1e-6)
     return CopyEvidence(
-        luma,
-        gain,
-        shape,
-        float(content.mean()),
-        _cosine(qc, rc),
-        chroma_gain / max(gain, 1e-9),
-        float(residual),
+        luma, gain, shape, detail, _cosine(qc, rc), chroma_gain / max(gain, 1e-9), float(residual)
     )
 
 

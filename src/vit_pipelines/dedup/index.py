@@ -229,6 +229,13 @@ def to_uint8(canonical: np.ndarray) -> np.ndarray:
     return planes.astype(np.uint8)
 
 
+def from_uint8(planes: np.ndarray) -> np.ndarray:
+    """`to_uint8`'s squares back in float32: luminance 0..255, chroma centred on 0."""
+    canonical = planes.astype(np.float32)
+    canonical[..., 1:, :, :] -= 128.0
+    return canonical
+
+
 class ReferenceIndex:
     """The references' stage-1 `CandidateSearch` and their canonical squares in uint8 for stage 2 (12 KB
     each): `candidates`, then `verify`."""
@@ -259,7 +266,7 @@ class ReferenceIndex:
         return self.planes[reference, 0].astype(np.float32)
 
     def chroma(self, reference: int) -> np.ndarray:
-        return self.planes[reference, 1:].astype(np.float32) - 128.0
+        return from_uint8(self.planes[reference])[1:]
 
     def candidates(
         self, queries: Queries, candidate_threshold: float, max_candidates: int
@@ -295,9 +302,7 @@ class ReferenceIndex:
         query = queries.planes[candidate.query]
         if candidate.flip:
             query = query[..., ::-1]
-        reference = self.planes[candidate.reference].astype(np.float32)
-        reference[1:] -= 128.0
-        return copy_evidence(query, reference, frame, CENTRAL)
+        return copy_evidence(query, from_uint8(self.planes[candidate.reference]), frame, CENTRAL)
 
     def colour_agreement(self, query: np.ndarray, candidate: Candidate) -> float:
         """Cosine of the query's `colour_pattern` and the reference's in the candidate's box (1: grey query).

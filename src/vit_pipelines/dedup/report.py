@@ -14,10 +14,9 @@ LOWEST_SHOWN = 5  # lowest-scoring removals listed in the report
 def summarise_matches(matches: list[dict], test_images: dict[str, int]) -> dict[str, Any]:
     """`matches` as `find_duplicates` gives them → removed, bands, lowest scores and, per test set, the images
     removed and their `[pretrain_index, test_index, score]`."""
-    bands = Counter(m.get("band", "certain") for m in matches)
     return {
         "removed": len(matches),
-        "bands": {"certain": bands["certain"], "borderline": bands["borderline"]},
+        "bands": band_counts(matches),
         "lowest_scores": sorted(matches, key=lambda m: m["score"])[:LOWEST_SHOWN],
         "test_sets": {
             name: {
@@ -32,6 +31,12 @@ def summarise_matches(matches: list[dict], test_images: dict[str, int]) -> dict[
             for name, size in test_images.items()
         },
     }
+
+
+def band_counts(matches: list[dict]) -> dict[str, int]:
+    """How many of `matches` are certain and how many borderline."""
+    bands = Counter(m.get("band", "certain") for m in matches)
+    return {"certain": bands["certain"], "borderline": bands["borderline"]}
 
 
 def embedded_leak_recall(

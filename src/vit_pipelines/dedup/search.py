@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from vit_pipelines.data.cache import resolve_num_proc
 from vit_pipelines.data.ops import BadImageError
 from vit_pipelines.data.streaming import StreamedImages
-from vit_pipelines.dedup.copymodel import CERTAIN_DETAIL, CERTAIN_MARGIN, CopyEvidence
+from vit_pipelines.dedup.copymodel import CopyEvidence, certain
 from vit_pipelines.dedup.fingerprint import CANONICAL, canonical
 from vit_pipelines.dedup.index import STAGE1_BOXES, Queries, ReferenceIndex, reference_descriptors, to_uint8
 from vit_pipelines.training.loop import rank_share
@@ -37,7 +37,6 @@ T = TypeVar("T")
 SKIPPED_EXAMPLES = 5  # unreadable queries named per reason
 DEFAULT_THRESHOLD = 0.9
 """Band-passed luminance correlation from which a query is a copy (docs/dedup.md has the measurements)."""
-CERTAIN_SCORE = 0.95  # stage 2: below it a match is reported as borderline
 
 
 @dataclass(frozen=True)
@@ -90,13 +89,8 @@ class Match:
 
     @property
     def certain(self) -> bool:
-        """The score reaches `CERTAIN_SCORE`, and at least `CERTAIN_DETAIL` of the box holds content whose
-        shape clears its limit by `CERTAIN_MARGIN`; else the match is borderline."""
-        evidence = self.evidence
-        return self.score >= CERTAIN_SCORE and (
-            evidence is None
-            or (evidence.detail >= CERTAIN_DETAIL and evidence.shape >= evidence.least_shape + CERTAIN_MARGIN)
-        )
+        """Certain, else borderline (`copymodel.certain`)."""
+        return certain(self.score, self.evidence)
 
 
 @dataclass

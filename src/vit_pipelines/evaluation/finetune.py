@@ -120,9 +120,8 @@ def plot_finetune(per_dataset: Mapping[str, Mapping[str, Any]]) -> Figure:
     axes = fig.subplots(len(per_dataset), 2, width_ratios=[10, 4], squeeze=False)
     for (curves_ax, bars_ax), (name, result) in zip(axes, per_dataset.items(), strict=True):
         curves = plot_curves(result["history"], f"{name}: fine-tuning at lr {result['chosen_lr']:g}")
-        canvas = FigureCanvasAgg(
-            curves
-        )  # drawn once as an image, so the curves stay exactly plot_curves' figure
+        # drawn once as an image, so the curves stay exactly plot_curves' figure
+        canvas = FigureCanvasAgg(curves)
         canvas.draw()
         curves_ax.imshow(np.asarray(canvas.buffer_rgba()))
         curves_ax.set_axis_off()

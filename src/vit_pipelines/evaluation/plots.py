@@ -61,7 +61,7 @@ def plot_drloc_comparison(runs: list[dict]) -> Figure:
     """Held-out accuracy per seed without and with DRLoc (a line joins the runs of one seed), and each run's
     classification loss against steps."""
     fig = Figure(figsize=(10, 3.8))
-    (ax_acc, ax_loss) = fig.subplots(1, 2)
+    ax_acc, ax_loss = fig.subplots(1, 2)
     seeds = sorted({r["seed"] for r in runs})
     for seed in seeds:
         pair = sorted((r for r in runs if r["seed"] == seed), key=lambda r: r["drloc"])

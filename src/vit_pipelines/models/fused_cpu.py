@@ -131,11 +131,12 @@ def fused_block(
     last residual add also normalizes its output rows for the next block; backward, the backward pass of the next
     block's first layer norm also computes this block's fc2 output gradient with its bias and weight gradients."""
     x = x.contiguous()
-    shape = (block.attn.num_heads, block.norm1.eps, block.norm2.eps, next_norm.eps if next_norm else 0.0)
-    handed = _Handover.take_forward(x, block.norm1)
-    out, *handed = _FusedBlock.apply(x, handed, shape, *BlockWeights.of(block, next_norm))
+    next_eps = next_norm.eps if next_norm is not None else 0.0
+    shape = (block.attn.num_heads, block.norm1.eps, block.norm2.eps, next_eps)
+    received = _Handover.take_forward(x, block.norm1)
+    out, *for_next = _FusedBlock.apply(x, received, shape, *BlockWeights.of(block, next_norm))
     if next_norm is not None and not out.is_inference():  # inference tensors have no version counter to check
-        _Handover.give_forward(out, next_norm, handed)
+        _Handover.give_forward(out, next_norm, for_next)
     return out
 
 

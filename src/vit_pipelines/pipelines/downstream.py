@@ -41,9 +41,8 @@ def run_globals(conf_source: str | Path = "conf", env: str | None = None) -> dic
         return _SESSION["globals"]
     if not (Path(conf_source) / "base").is_dir():
         return {}
-    from vit_pipelines.settings import (
-        CONFIG_LOADER_ARGS,
-    )  # here: settings imports the hooks, which import this
+    # imported here: settings imports the hooks, which import this module
+    from vit_pipelines.settings import CONFIG_LOADER_ARGS
 
     return dict(OmegaConfigLoader(str(conf_source), env=env, **CONFIG_LOADER_ARGS)["globals"])
 

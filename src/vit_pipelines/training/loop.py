@@ -18,6 +18,7 @@ import contextlib
 import copy
 import ctypes
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -189,12 +190,14 @@ def process_state() -> PartialState:
     honoured as `Accelerator` honours it; a bare `PartialState()` would not, and, being shared, would leave a
     CPU launch without its gloo ranks."""
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-    if state.num_processes > 1 and not _LEAVING:
-        _LEAVING.append(atexit.register(_leave_process_group))
+    if state.num_processes > 1:
+        _leave_process_group_at_exit()
     return state
 
 
-_LEAVING: list = []  # the exit handler, once registered
+@functools.cache
+def _leave_process_group_at_exit() -> None:
+    atexit.register(_leave_process_group)
 
 
 def _leave_process_group() -> None:

@@ -20,7 +20,7 @@ from PIL import ImageOps
 from vit_pipelines.data.ops import open_image
 from vit_pipelines.dedup import DedupConfig, build_index, join_references, search
 from vit_pipelines.dedup.plots import plot_pairs
-from vit_pipelines.dedup.report import embedded_leak_recall, summarise_matches
+from vit_pipelines.dedup.report import band_counts, embedded_leak_recall, summarise_matches
 from vit_pipelines.dedup.search import SKIPPED_EXAMPLES
 from vit_pipelines.training.loop import process_state
 
@@ -151,7 +151,7 @@ def plot_duplicates(
                 f"{m['pretrain_index']} ~ {m['test_set']}[{m['test_index']}]{mirrored} {m['score']:.3f}{band}",
             )
         )
-    counts = Counter(m.get("band", "certain") for m in matches)
+    counts = band_counts(matches)
     return plot_pairs(
         pairs,
         f"{len(pairs)} of {len(matches)} removed pretraining images (left) and their test images: "
