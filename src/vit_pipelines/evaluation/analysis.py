@@ -115,16 +115,24 @@ def plot_components(components: np.ndarray, variance: np.ndarray) -> Figure:
 
 
 def plot_position_similarity(similarity: np.ndarray) -> Figure:
+    """The paper's Fig. 7 (centre): tile (row, column) shows that patch's position embedding against every
+    patch's, rows and columns numbered as in the image."""
     rows, cols = similarity.shape[:2]
-    fig = Figure(figsize=(0.7 * cols + 1.2, 0.7 * rows + 0.6))
-    axes = fig.subplots(rows, cols, squeeze=False)
+    fig = Figure(figsize=(0.55 * cols + 1.8, 0.55 * rows + 1.0), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False, gridspec_kw={"wspace": 0.02, "hspace": 0.02})
     for r in range(rows):
         for c in range(cols):
             image = axes[r, c].imshow(similarity[r, c], vmin=-1, vmax=1, cmap="viridis")
             axes[r, c].set_xticks([])
             axes[r, c].set_yticks([])
-    fig.colorbar(image, ax=axes, shrink=0.6, label="cosine similarity")
-    fig.suptitle("Position embedding similarity (each tile: one patch vs all patches)", fontsize=9)
+    for c in range(cols):
+        axes[-1, c].set_xlabel(str(c + 1), fontsize=7)
+    for r in range(rows):
+        axes[r, 0].set_ylabel(str(r + 1), fontsize=7, rotation=0, labelpad=6, va="center")
+    fig.supxlabel("input patch column", fontsize=9)
+    fig.supylabel("input patch row", fontsize=9)
+    fig.colorbar(image, ax=axes, shrink=0.8, label="cosine similarity")
+    fig.suptitle("Position embedding similarity\n(each tile: one patch against all patches)", fontsize=9)
     return fig
 
 

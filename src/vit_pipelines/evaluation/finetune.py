@@ -111,23 +111,31 @@ def finetune_and_test(
 
 
 def plot_finetune(per_dataset: Mapping[str, Mapping[str, Any]]) -> Figure:
-    """One row per dataset: the final run's curves (`plot_curves`: loss, train and test accuracy) and the dev
-    accuracy of every learning rate of the grid, the chosen one in orange, beside the final test accuracies.
+    """One row per dataset: the final run's curves (`plot_curves`: loss, train and test accuracy, chance) and
+    the dev accuracy of every learning rate of the grid as bars (the chosen one in orange), the final test
+    accuracies as lines, every mark in the legend.
 
     Each result needs `history`, `dev_accuracy` ({lr: accuracy}), `chosen_lr`, `test_accuracy` and
     `test_accuracy_ema` (None without EMA); an optional `from_scratch` result is drawn as a red dotted line."""
     fig = Figure(figsize=(14, 3.9 * len(per_dataset)))
     axes = fig.subplots(len(per_dataset), 2, width_ratios=[10, 4], squeeze=False)
     for (curves_ax, bars_ax), (name, result) in zip(axes, per_dataset.items(), strict=True):
-        curves = plot_curves(result["history"], f"{name}: fine-tuning at lr {result['chosen_lr']:g}")
+        title = f"{name}: fine-tuning at lr {result['chosen_lr']:g}"
+        curves = plot_curves(result["history"], title, chance=1.0 / result["num_classes"])
         # drawn once as an image, so the curves stay exactly plot_curves' figure
         canvas = FigureCanvasAgg(curves)
         canvas.draw()
         curves_ax.imshow(np.asarray(canvas.buffer_rgba()))
         curves_ax.set_axis_off()
         lrs = sorted(result["dev_accuracy"])
-        colours = ["tab:orange" if lr == result["chosen_lr"] else "tab:blue" for lr in lrs]
-        bars_ax.bar([f"{lr:g}" for lr in lrs], [result["dev_accuracy"][lr] for lr in lrs], color=colours)
+        for chosen, colour, label in (
+            (False, "tab:blue", "dev accuracy"),
+            (True, "tab:orange", "dev, chosen LR"),
+        ):
+            at = [i for i, lr in enumerate(lrs) if (lr == result["chosen_lr"]) == chosen]
+            values = [result["dev_accuracy"][lrs[i]] for i in at]
+            bars_ax.bar(at, values, color=colour, label=label if at else None)
+        bars_ax.set_xticks(range(len(lrs)), [f"{lr:g}" for lr in lrs])
         for key, style in (("test_accuracy", "-"), ("test_accuracy_ema", "--")):
             if result[key] is not None:
                 label = f"test {'EMA' if key.endswith('ema') else 'raw'} {result[key]:.3f}"
@@ -137,7 +145,9 @@ def plot_finetune(per_dataset: Mapping[str, Mapping[str, Any]]) -> Figure:
             key = "test_accuracy" if scratch["test_accuracy_ema"] is None else "test_accuracy_ema"
             label = f"from scratch, test {scratch[key]:.3f}"
             bars_ax.axhline(scratch[key], color="tab:red", lw=1, ls=":", label=label)
-        bars_ax.set(xlabel="learning rate", ylabel="dev accuracy", ylim=(0, 1), title=f"{name}: LR grid")
+        bars_ax.set(
+            xlabel="learning rate", ylabel="accuracy", ylim=(0, 1), title=f"{name}: LR grid on dev, then test"
+        )
         bars_ax.grid(alpha=0.3, axis="y")
         bars_ax.legend(fontsize=8, loc="best")
     fig.tight_layout()

@@ -5,9 +5,10 @@ from __future__ import annotations
 from matplotlib.figure import Figure
 
 
-def plot_curves(records: list[dict[str, float]], title: str) -> Figure:
+def plot_curves(records: list[dict[str, float]], title: str, chance: float | None = None) -> Figure:
     """Loss and accuracy against steps: training (running mean between logs), every evaluation and, when the
-    run probed it, few-shot accuracy per downstream set (as the paper's Fig. 4)."""
+    run probed it, few-shot accuracy per downstream set (as the paper's Fig. 4); `chance` (1 / classes) as a
+    dotted line under the accuracies."""
     train_logs = [r for r in records if "loss" in r]
     evals = sorted({k for r in records for k in r if k.endswith("accuracy") and k != "accuracy"})
     fewshot = [k for k in evals if k.startswith("fewshot_")]
@@ -27,10 +28,12 @@ def plot_curves(records: list[dict[str, float]], title: str) -> Figure:
         points = [r for r in records if key in r]
         label = key.removeprefix("fewshot_").removesuffix("_accuracy").replace("_", " ")
         ax.plot([r["step"] for r in points], [r[key] for r in points], "o-", label=label)
+    if chance is not None:
+        ax_acc.axhline(chance, color="grey", lw=0.8, ls=":", label=f"chance {chance:.3f}")
     ax_loss.set(xlabel="step", ylabel="loss", title=title)
     ax_acc.set(xlabel="step", ylabel="accuracy", ylim=(0, 1), title="accuracy")
     if fewshot:
-        axes[2].set(xlabel="step", ylabel="accuracy", ylim=(0, 1), title="few-shot linear probe")
+        axes[2].set(xlabel="step", ylabel="accuracy", ylim=(0, 1), title="few-shot linear probe (set, shots)")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -39,7 +42,8 @@ def plot_curves(records: list[dict[str, float]], title: str) -> Figure:
 
 
 def plot_fewshot(per_dataset: dict[str, dict]) -> Figure:
-    """Accuracy against shots per class, one panel per dataset: each model's mean over seeds with its 95% CI."""
+    """Accuracy against shots per class, one panel per dataset: each model's mean over seeds with its 95% CI
+    as error bars (said in the title)."""
     fig = Figure(figsize=(4.2 * len(per_dataset), 3.6))
     axes = fig.subplots(1, len(per_dataset), squeeze=False)
     for ax, (name, result) in zip(axes[0], per_dataset.items(), strict=True):
@@ -47,12 +51,21 @@ def plot_fewshot(per_dataset: dict[str, dict]) -> Figure:
             shots = [int(k) for k in result[kind]]
             means = [v["mean"] for v in result[kind].values()]
             errors = [v["ci95"] for v in result[kind].values()]
-            ax.errorbar(shots, means, yerr=errors, fmt=style, capsize=3, label=kind.replace("_", " "))
+            label = "pretrained ViT" if kind == "pretrained" else "same ViT, random init"
+            ax.errorbar(shots, means, yerr=errors, fmt=style, capsize=3, label=label)
         ax.axhline(1.0 / result["num_classes"], color="grey", lw=0.8, ls=":", label="chance")
-        ax.set(xscale="log", xlabel="shots per class", ylabel="accuracy", ylim=(0, 1), title=name)
+        title = f"{name} ({result['num_classes']} classes, {result['test_images']} test images)"
+        ax.set(xscale="log", xlabel="shots per class", ylabel="test accuracy", ylim=(0, 1), title=title)
         ax.set_xticks(shots, [str(s) for s in shots])
+        ax.minorticks_off()
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    seeds = len(next(iter(next(iter(per_dataset.values()))["pretrained"].values()))["per_seed"])
+    fig.suptitle(
+        f"Linear few-shot accuracy (ridge on frozen features): mean of {seeds} seeds of the few training "
+        "images; bars: 95% confidence interval over seeds",
+        fontsize=9,
+    )
     fig.tight_layout()
     return fig
 

@@ -190,4 +190,5 @@ def evaluate(
         "model": model.config.to_dict(),
     }
     log.info("minival accuracy %.4f (chance %.4f)", accuracy, metrics["chance_accuracy"])
-    return metrics, plot_curves(records, f"{model.config.variant} pretraining")
+    title = f"{model.config.variant} pretraining, {len(minival)} minival images"
+    return metrics, plot_curves(records, title, chance=metrics["chance_accuracy"])
