@@ -1,4 +1,4 @@
-"""Peak memory (RSS) and wall time of the default `kedro run --pipeline pretrain`, in a scratch copy of the project.
+"""Peak memory (RSS) and wall time of the default `kedro run --pipelines pretrain`, in a scratch copy of the project.
 
 The run's whole process tree (kedro and any worker it starts) is sampled every 0.2 s; the peak of the summed
 resident set size is reported, beside the largest single process's own peak (`VmHWM`, the kernel's high-water
@@ -57,7 +57,7 @@ def run(steps: int | None = None) -> dict[str, Any]:
                 shutil.copy(source, project / name)
         shutil.rmtree(project / "conf" / "local", ignore_errors=True)  # the defaults, not a user's overrides
         (project / "conf" / "local").mkdir()
-        command = ["kedro", "run", "--pipeline", "pretrain"]
+        command = ["kedro", "run", "--pipelines", "pretrain"]
         if steps is not None:
             command += ["--params", f"pretrain.train.steps={steps}"]
         env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "1", "TQDM_DISABLE": "1"}

@@ -17,7 +17,7 @@
 5. dedup: de-duplication hashing and search throughput, and its growth with 10x the images; dedup_scale: its
    stage 1 with 10x and 100x the test images, and the arithmetic for 14M x 300k on 64 cores;
 6. ranks: de-dup, few-shot features and evaluation on 1 and 2 gloo ranks: shares, wall time, same outputs;
-7. memory: peak RSS of the default `kedro run --pipeline pretrain`.
+7. memory: peak RSS of the default `kedro run --pipelines pretrain`.
 
 Each is also a script of its own (`benchmarks/<name>.py`) with more options. Shared machines are noisy: every
 comparison is made inside one run, never against numbers from another.

@@ -243,10 +243,10 @@ def test_an_empty_or_unreadable_test_set_is_named():
     broken = digits.map(lambda row, i: {"image": {"bytes": b"" if i == 3 else row["image"]["bytes"], "path": None}},
                         with_indices=True)  # fmt: skip
     with pytest.raises(
-        ValueError, match=r"1 test images cannot be read \(\{'empty': 1\}\): downstream\.digits\.test row 3"
+        ValueError, match=r"1 test images cannot be read \(\{'empty': 1\}\): downstream_digits_test row 3"
     ):
         find_duplicates(pretrain, {"num_proc": 1}, digits=broken)
-    with pytest.raises(ValueError, match="downstream.digits.test is empty"):
+    with pytest.raises(ValueError, match="downstream_digits_test is empty"):
         find_duplicates(pretrain, {"num_proc": 1}, digits=digits.select([]))
 
 

@@ -12,8 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import copy_project, run_in
+from conftest import copy_project, newest, run_in
 from safetensors.torch import load_file
+
+from vit_pipelines.models.checkpoints import newest_version
 
 pytestmark = pytest.mark.slow
 
@@ -21,11 +23,15 @@ LAUNCH_TWO_RANKS = (
     "accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
     "--mixed_precision", "no", "--dynamo_backend", "no", "-m",
 )  # fmt: skip
-TINY_PRETRAIN = ("kedro", "run", "--env", "tiny", "--pipeline", "pretrain")
+TINY_PRETRAIN = ("kedro", "run", "--env", "tiny", "--pipelines", "pretrain")
+
+
+VERSION = re.compile(r"\d{4}-\d\d-\d\dT\d\d\.\d\d\.\d\d\.\d{3}Z")  # a Kedro save version
 
 
 def files_under(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    """The files below `root`, each run's version folder named `<version>`."""
+    return sorted(VERSION.sub("<version>", str(p.relative_to(root))) for p in root.rglob("*") if p.is_file())
 
 
 def test_two_ranks_train_the_weights_of_one_process_and_write_the_same_files(tmp_path):
@@ -35,8 +41,8 @@ def test_two_ranks_train_the_weights_of_one_process_and_write_the_same_files(tmp
     launched = run_in(two, *LAUNCH_TWO_RANKS, *TINY_PRETRAIN, env={"ACCELERATE_USE_CPU": "1"})
     assert launched.stderr.count("Pipeline execution completed") <= 1  # the other rank logs warnings only
 
-    model = "data/tiny/06_models/pretrain/model.safetensors"
-    single, distributed = load_file(one / model), load_file(two / model)
+    model = "data/tiny/06_models/pretrain"
+    single, distributed = (load_file(newest_version(p / model) / "model.safetensors") for p in (one, two))
     assert single.keys() == distributed.keys()
     for name, weight in single.items():
         torch.testing.assert_close(distributed[name], weight, atol=1e-5, rtol=1e-5, msg=name)
@@ -55,7 +61,7 @@ def test_two_ranks_train_the_weights_of_one_process_and_write_the_same_files(tmp
     assert reports[0]["queries_per_rank"] == [600] and reports[1]["queries_per_rank"] == [300, 300]
     # The final evaluation: each rank scored its contiguous share of minival; together, one process's number.
     metrics = [
-        json.loads((p / "data/tiny/08_reporting/pretrain_metrics.json").read_text()) for p in (one, two)
+        json.loads(newest(p / "data/tiny/08_reporting/pretrain_metrics.json").read_text()) for p in (one, two)
     ]
     assert metrics[1]["minival_accuracy"] == metrics[0]["minival_accuracy"]
     total = metrics[0]["minival_images"]
@@ -64,7 +70,7 @@ def test_two_ranks_train_the_weights_of_one_process_and_write_the_same_files(tmp
     assert metrics[1]["fewshot"] == metrics[0]["fewshot"]  # the probe's features: each rank extracted half
     # The logged loss and accuracy are reduced over both ranks' halves of each global batch.
     history = "data/tiny/07_model_output/pretrain_history.json"
-    logs = [json.loads((p / history).read_text())["records"] for p in (one, two)]
+    logs = [json.loads(newest(p / history).read_text())["records"] for p in (one, two)]
     for a, b in zip(*logs, strict=True):
         if "loss" in a:
             assert b["loss"] == pytest.approx(a["loss"], rel=1e-4) and b["accuracy"] == a["accuracy"]

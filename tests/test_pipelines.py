@@ -1,4 +1,4 @@
-"""End to end: `kedro run --env tiny --pipeline pretrain` in a fresh copy of the project, then a resume."""
+"""End to end: `kedro run --env tiny --pipelines pretrain` in a fresh copy of the project, then a resume."""
 
 import json
 import os
@@ -10,13 +10,14 @@ from pathlib import Path
 import nbformat
 import PIL.Image
 import pytest
-from conftest import copy_project, run_in
+from conftest import copy_project, newest, run_in
 from nbclient import NotebookClient
 from test_streaming import write_tar
 
 from vit_pipelines.data import embedded
 from vit_pipelines.data.cache import open_shards, read_manifest
 from vit_pipelines.data.sources import load_image_dataset
+from vit_pipelines.models.checkpoints import newest_version
 from vit_pipelines.training.saving import load_model
 
 pytestmark = pytest.mark.slow
@@ -37,7 +38,7 @@ def test_registry_lists_the_pipelines(project):
 
 
 def test_tiny_dedup_removes_the_leaked_test_copies(project):
-    result = kedro(project, "run", "--env", "tiny", "--pipeline", "dedup")
+    result = kedro(project, "run", "--env", "tiny", "--pipelines", "dedup")
     summary = [line for line in (result.stdout + result.stderr).splitlines() if "borderline;" in line]
     assert len(summary) == 1 and "planted leaks" in summary[0]  # a log line is not wrapped off a terminal
     out = project / "data" / "tiny"
@@ -61,20 +62,31 @@ def test_tiny_dedup_removes_the_leaked_test_copies(project):
 
 
 def test_tiny_pretrain_runs_end_to_end_and_resumes(project):
-    kedro(project, "run", "--env", "tiny", "--pipeline", "pretrain")
+    run = kedro(project, "run", "--env", "tiny", "--pipelines", "pretrain")
     out = project / "data" / "tiny"
-    metrics = json.loads((out / "08_reporting" / "pretrain_metrics.json").read_text())
+    metrics = json.loads(newest(out / "08_reporting" / "pretrain_metrics.json").read_text())
+    # The run ends saying what it found, where it wrote it and what to run next; summary.md gathers it.
+    said = run.stdout + run.stderr
+    headline = f"minival accuracy {metrics['minival_accuracy']:.1%} (chance 2.5%) after 6 steps"
+    assert "Finished `kedro run --env tiny --pipelines pretrain`" in said and headline in said
+    assert "next: kedro run --env tiny --pipelines fewshot;" in said
+    summary = (out / "08_reporting" / "summary.md").read_text()
+    assert (
+        headline in summary and "Not run yet: `fewshot`, `finetune`, `vtab`, `drloc`, `analysis`." in summary
+    )
     for key in ("minival_accuracy", "num_classes", "steps", "train_images_per_second", "wall_seconds"):
         assert key in metrics, key
     assert metrics["num_classes"] == len(embedded.PRETRAIN_CLASS_NAMES)
-    labels = json.loads((out / "06_models" / "pretrain" / "labels.json").read_text())["id2label"]
+    labels = json.loads((newest_version(out / "06_models" / "pretrain") / "labels.json").read_text())[
+        "id2label"
+    ]
     assert [labels[str(i)] for i in range(len(labels))] == list(embedded.PRETRAIN_CLASS_NAMES)
     assert metrics["steps"] == 6 and metrics["resumed_from_step"] == 0
     assert 0.0 <= metrics["minival_accuracy"] <= 1.0 and metrics["train_images_per_second"] > 0
     # The few-shot probe ran during pretraining on every downstream set (paper Fig. 4).
     probes = {f"fewshot_{n}_{k}shot_accuracy" for n in embedded.DOWNSTREAM_NAMES for k in (5, 10)}
     assert set(metrics["fewshot"]) == probes and all(0 <= v <= 1 for v in metrics["fewshot"].values())
-    history = json.loads((out / "07_model_output" / "pretrain_history.json").read_text())["records"]
+    history = json.loads(newest(out / "07_model_output" / "pretrain_history.json").read_text())["records"]
     assert [r["step"] for r in history if "fewshot_digits_5shot_accuracy" in r] == [3, 6]
     report = json.loads((out / "08_reporting" / "pretrain_preprocess_report.json").read_text())
     kept = json.loads((out / "08_reporting" / "dedup_report.json").read_text())["kept"]  # dedup ran first
@@ -91,7 +103,7 @@ def test_tiny_pretrain_runs_end_to_end_and_resumes(project):
     removed = {m["pretrain_index"] for m in matches}
     rows = [*open_shards(cache / "train")["source_index"], *open_shards(cache / "minival")["source_index"]]
     assert sorted(rows) == sorted(set(range(600)) - removed)
-    with PIL.Image.open(out / "08_reporting" / "pretrain_curves.png") as curves:
+    with PIL.Image.open(newest(out / "08_reporting" / "pretrain_curves.png")) as curves:
         assert curves.size[0] > 600
     model = load_model(out / "06_models" / "pretrain")
     assert model.config.image_size == (16, 16) and model.config.num_classes == metrics["num_classes"]
@@ -102,18 +114,26 @@ def test_tiny_pretrain_runs_end_to_end_and_resumes(project):
     ]
     assert not (project / "data" / "08_reporting" / "pretrain_metrics.json").exists()  # tiny writes aside
 
-    # The same command again resumes from the newest checkpoint of the same configuration.
-    kedro(project, "run", "--env", "tiny", "--pipeline", "pretrain")
-    again = json.loads((out / "08_reporting" / "pretrain_metrics.json").read_text())
-    assert again["resumed_from_step"] == 6
-    assert again["minival_accuracy"] == pytest.approx(metrics["minival_accuracy"])
+    # The same command again finds the finished run: a new version with the run's own numbers, the first kept;
+    # de-dup reads its search of the same images and settings, the cache is kept as it is.
+    rerun = kedro(project, "run", "--env", "tiny", "--pipelines", "pretrain")
+    said = rerun.stdout + rerun.stderr
+    assert "the same images and settings were searched before" in said and "already holds these rows" in said
+    versions = sorted((out / "08_reporting" / "pretrain_metrics.json").iterdir())
+    again = json.loads(newest(out / "08_reporting" / "pretrain_metrics.json").read_text())
+    assert len(versions) == 2 and again == {
+        **metrics,
+        "resumed_from_step": 6,  # nothing left to train: the run's time, throughput and curves are the first's
+        "minival_accuracy": pytest.approx(metrics["minival_accuracy"]),
+    }
+    assert len(list((out / "06_models" / "pretrain").glob("*/model.safetensors"))) == 2
 
 
 def test_tiny_fewshot_evaluates_the_pretrained_model_and_a_random_baseline(project):
     # Runs after the pretrain test above: the tiny pretrained model is in the copy's data/tiny/06_models.
-    kedro(project, "run", "--env", "tiny", "--pipeline", "fewshot")
+    kedro(project, "run", "--env", "tiny", "--pipelines", "fewshot")
     out = project / "data" / "tiny"
-    results = json.loads((out / "08_reporting" / "fewshot_results.json").read_text())
+    results = json.loads(newest(out / "08_reporting" / "fewshot_results.json").read_text())
     assert set(results["datasets"]) == set(embedded.DOWNSTREAM_NAMES)
     for name, result in results["datasets"].items():
         for kind in ("pretrained", "random_init"):
@@ -122,13 +142,13 @@ def test_tiny_fewshot_evaluates_the_pretrained_model_and_a_random_baseline(proje
         assert result["image_size"] == [16, 16]
         assert result["feature_images_per_rank"] == [result["train_images"] + result["test_images"]]
         assert results["summary"][name]["chance"] == pytest.approx(1 / result["num_classes"])
-    with PIL.Image.open(out / "08_reporting" / "fewshot_accuracy.png") as plot:
+    with PIL.Image.open(newest(out / "08_reporting" / "fewshot_accuracy.png")) as plot:
         assert plot.size[0] > 900
     cached = sorted(p.name for p in (out / "04_feature" / "fewshot").glob("*.npz"))
     assert len(cached) == 4 * len(embedded.DOWNSTREAM_NAMES)  # (pretrained, random) x (train, test) per set
-    kedro(project, "run", "--env", "tiny", "--pipeline", "fewshot")  # features are reused, not recomputed
+    kedro(project, "run", "--env", "tiny", "--pipelines", "fewshot")  # features are reused, not recomputed
     assert sorted(p.name for p in (out / "04_feature" / "fewshot").glob("*.npz")) == cached
-    assert json.loads((out / "08_reporting" / "fewshot_results.json").read_text()) == results
+    assert json.loads(newest(out / "08_reporting" / "fewshot_results.json").read_text()) == results
 
 
 def test_fewshot_without_a_checkpoint_says_what_to_do(tmp_path_factory, project):
@@ -138,19 +158,19 @@ def test_fewshot_without_a_checkpoint_says_what_to_do(tmp_path_factory, project)
         (shutil.copytree if source.is_dir() else shutil.copy)(source, empty / name)
     env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "1"}
     result = subprocess.run(
-        ["kedro", "run", "--env", "tiny", "--pipeline", "fewshot"], cwd=empty, env=env, capture_output=True,
+        ["kedro", "run", "--env", "tiny", "--pipelines", "fewshot"], cwd=empty, env=env, capture_output=True,
         text=True, timeout=600, check=False,
     )  # fmt: skip
     assert result.returncode != 0
-    assert "run `kedro run --env tiny --pipeline pretrain` first" in result.stdout + result.stderr
+    assert "run `kedro run --env tiny --pipelines pretrain` first" in result.stdout + result.stderr
 
 
 def test_tiny_finetune_chooses_a_learning_rate_on_dev_and_tests_raw_and_ema_weights(project):
     # Runs after the pretrain test above: it fine-tunes the tiny pretrained model (16 px) at 24 px.
-    kedro(project, "run", "--env", "tiny", "--pipeline", "finetune")
+    kedro(project, "run", "--env", "tiny", "--pipelines", "finetune")
     out = project / "data" / "tiny"
     grid = [0.01, 0.03]  # conf/tiny/parameters_finetune.yml: lr_grid, 4 steps, EMA decay 0.5
-    metrics = json.loads((out / "08_reporting" / "finetune_metrics.json").read_text())
+    metrics = json.loads(newest(out / "08_reporting" / "finetune_metrics.json").read_text())
     assert set(metrics) == set(embedded.DOWNSTREAM_NAMES)
     for name, result in metrics.items():
         dev = result["dev_accuracy"]
@@ -169,7 +189,7 @@ def test_tiny_finetune_chooses_a_learning_rate_on_dev_and_tests_raw_and_ema_weig
         model = load_model(out / "06_models" / "finetune" / name)
         assert model.config.image_size == (24, 24) and model.config.num_classes == result["num_classes"]
         assert model.config.representation_size is None  # one linear head, no pre-logits
-    with PIL.Image.open(out / "08_reporting" / "finetune_curves.png") as curves:
+    with PIL.Image.open(newest(out / "08_reporting" / "finetune_curves.png")) as curves:
         assert curves.size[0] > 900
     # Every run (per dataset, pretrained and from scratch: one per LR and one final) left its last checkpoint.
     finals = list((out / "06_models" / "finetune" / "checkpoints").glob("*/*/step_*"))
@@ -179,9 +199,9 @@ def test_tiny_finetune_chooses_a_learning_rate_on_dev_and_tests_raw_and_ema_weig
 
 def test_tiny_vtab_runs_the_protocol_on_the_embedded_suite(project):
     # Runs after the pretrain test above. conf/tiny/parameters_vtab.yml: 80 / 20 examples, 4 settings, 100 test.
-    kedro(project, "run", "--env", "tiny", "--pipeline", "vtab")
+    kedro(project, "run", "--env", "tiny", "--pipelines", "vtab")
     out = project / "data" / "tiny" / "08_reporting"
-    results = json.loads((out / "vtab_results.json").read_text())
+    results = json.loads(newest(out / "vtab_results.json").read_text())
     assert set(results["tasks"]) == {"digits", "textures", "counting"} and results["failed"] == {}
     assert set(results["group_mean"]) == {"natural", "specialized", "structured"}
     chosen = results["chosen_setting"]["setting"]
@@ -191,7 +211,7 @@ def test_tiny_vtab_runs_the_protocol_on_the_embedded_suite(project):
         assert task["setting"] == chosen and task["train_images"] == 100 and task["test_images"] == 100
         assert set(task["val200"]) == set(means) and 0 <= task["test_accuracy"] <= 1
     assert results["mean"] == pytest.approx(sum(results["group_mean"].values()) / 3)  # one task per group
-    with PIL.Image.open(out / "vtab_groups.png") as plot:
+    with PIL.Image.open(newest(out / "vtab_groups.png")) as plot:
         assert plot.size[0] > 1000
 
 
@@ -199,7 +219,7 @@ def test_tiny_data_stage_streams_webdataset_shards_into_the_same_cache(tmp_path)
     """The tiny pretraining set as four tar shards behind a `file://` URL: de-dup and the cache see the same
     rows as from the embedded set, read shard by shard, with no copy of the source."""
     project = copy_project(tmp_path / "project")
-    data_stage = ("run", "--env", "tiny", "--pipeline", "pretrain", "--to-nodes", "report_pretrain_cache")
+    data_stage = ("run", "--env", "tiny", "--pipelines", "pretrain", "--to-nodes", "report_pretrain_cache")
     kedro(project, *data_stage)
     out = project / "data" / "tiny"
     embedded_cache = {
@@ -233,7 +253,7 @@ def test_an_unwritable_output_folder_fails_before_any_work(tmp_path):
     (blocked / "data" / "tiny").mkdir(parents=True)
     (blocked / "data" / "tiny" / "08_reporting").write_text("a file where a folder should be")
     result = subprocess.run(
-        ["kedro", "run", "--env", "tiny", "--pipeline", "pretrain"], cwd=blocked, capture_output=True, text=True,
+        ["kedro", "run", "--env", "tiny", "--pipelines", "pretrain"], cwd=blocked, capture_output=True, text=True,
         timeout=600, check=False, env={**os.environ, "KEDRO_DISABLE_TELEMETRY": "1", "COLUMNS": "500"},
     )  # fmt: skip
     # (a wide console: rich wraps log lines at its width, which split a long temporary path inside "08_reporting")
@@ -256,7 +276,7 @@ def test_bad_training_parameters_fail_before_any_work(tmp_path):
         ("dedup.threshold=2", "dedup.threshold is a cosine or correlation in [-1, 1], got 2"),
     ):
         result = subprocess.run(
-            ["kedro", "run", "--env", "tiny", "--pipeline", "pretrain", "--params", override], cwd=project,
+            ["kedro", "run", "--env", "tiny", "--pipelines", "pretrain", "--params", override], cwd=project,
             capture_output=True, text=True, timeout=600, check=False,
             env={**os.environ, "KEDRO_DISABLE_TELEMETRY": "1", "COLUMNS": "500"},
         )  # fmt: skip
@@ -280,7 +300,7 @@ def test_the_run_environment_decides_the_downstream_sets_as_kedro_does(tmp_path)
         tiny.write("downstream_datasets: [digits]\n")
     assert downstream_datasets(project / "conf") == ["textures"]
     assert downstream_datasets(project / "conf", env="tiny") == ["digits"]
-    kedro(project, "run", "--env", "tiny", "--pipeline", "dedup")
+    kedro(project, "run", "--env", "tiny", "--pipelines", "dedup")
     report = json.loads((project / "data" / "tiny" / "08_reporting" / "dedup_report.json").read_text())
     assert list(report["test_sets"]) == ["digits"]
 
@@ -293,7 +313,7 @@ def test_a_second_run_into_the_same_data_folder_is_refused_naming_the_first(tmp_
         holder = {"pid": first.pid, "host": socket.gethostname(), "started": "now", "command": "kedro run"}
         (folder / ".run.lock").write_text(json.dumps(holder))
         result = subprocess.run(
-            ["kedro", "run", "--env", "tiny", "--pipeline", "dedup"], cwd=project, capture_output=True, text=True,
+            ["kedro", "run", "--env", "tiny", "--pipelines", "dedup"], cwd=project, capture_output=True, text=True,
             timeout=600, check=False, env={**os.environ, "KEDRO_DISABLE_TELEMETRY": "1", "COLUMNS": "500"},
         )  # fmt: skip
         first.kill()
@@ -304,7 +324,7 @@ def test_a_second_run_into_the_same_data_folder_is_refused_naming_the_first(tmp_
     assert "Traceback" not in output
     assert not (folder / "02_intermediate").exists()
     kedro(
-        project, "run", "--env", "tiny", "--pipeline", "dedup"
+        project, "run", "--env", "tiny", "--pipelines", "dedup"
     )  # that run gone: its stale lock is taken over
     assert (folder / "02_intermediate" / "dedup_matches.json").exists() and not (
         folder / ".run.lock"
@@ -313,12 +333,12 @@ def test_a_second_run_into_the_same_data_folder_is_refused_naming_the_first(tmp_
 
 def test_tiny_analysis_draws_the_four_figures_through_the_catalog(project):
     # Runs after the pretrain test above.
-    kedro(project, "run", "--env", "tiny", "--pipeline", "analysis")
+    kedro(project, "run", "--env", "tiny", "--pipelines", "analysis")
     out = project / "data" / "tiny" / "08_reporting"
-    figures = sorted(p.name for p in (out / "analysis").glob("*.png"))
+    figures = sorted(p.name for p in (out / "analysis").glob("*.png/*/*.png"))
     assert figures == ["attention_distance.png", "attention_rollout.png", "patch_embedding.png",
                        "position_similarity.png"]  # fmt: skip
-    numbers = json.loads((out / "analysis.json").read_text())
+    numbers = json.loads(newest(out / "analysis.json").read_text())
     layers, heads = numbers["model"]["depth"], numbers["model"]["num_heads"]
     assert len(numbers["attention_distance"]["mean_attention_distance_px"]) == layers
     assert all(len(row) == heads for row in numbers["attention_distance"]["mean_attention_distance_px"])
@@ -349,9 +369,9 @@ def test_the_analysis_notebook_runs_headless_from_its_own_folder(project, monkey
 
 
 def test_tiny_drloc_experiment_trains_both_arms_per_seed_and_resumes_finished_runs(project):
-    kedro(project, "run", "--env", "tiny", "--pipeline", "drloc")
+    kedro(project, "run", "--env", "tiny", "--pipelines", "drloc")
     out = project / "data" / "tiny"
-    results = json.loads((out / "08_reporting" / "drloc_results.json").read_text())
+    results = json.loads(newest(out / "08_reporting" / "drloc_results.json").read_text())
     runs = results["runs"]
     assert [(r["seed"], r["drloc"]) for r in runs] == [(0, False), (0, True), (1, False), (1, True)]
     assert results["drloc"] == {"pairs": 4, "weight": 0.1, "mlp_dim": 16, "pool_grid": None}  # tiny over base
@@ -363,33 +383,40 @@ def test_tiny_drloc_experiment_trains_both_arms_per_seed_and_resumes_finished_ru
     by = {(r["seed"], r["drloc"]): r["minival_accuracy"] for r in runs}
     assert summary["difference"]["per_seed"] == pytest.approx([by[s, True] - by[s, False] for s in (0, 1)])
     assert summary["with"]["values"] == [by[0, True], by[1, True]]
-    with PIL.Image.open(out / "08_reporting" / "drloc_comparison.png") as figure:
+    with PIL.Image.open(newest(out / "08_reporting" / "drloc_comparison.png")) as figure:
         assert figure.size[0] > 900
     # every run left its final checkpoint: a re-run trains nothing and reports the same numbers
     assert len(list((out / "06_models" / "drloc" / "checkpoints").glob("*/step_0000006"))) == 4
-    kedro(project, "run", "--env", "tiny", "--pipeline", "drloc")
-    again = json.loads((out / "08_reporting" / "drloc_results.json").read_text())
+    kedro(project, "run", "--env", "tiny", "--pipelines", "drloc")
+    again = json.loads(newest(out / "08_reporting" / "drloc_results.json").read_text())
     assert [r["minival_accuracy"] for r in again["runs"]] == [r["minival_accuracy"] for r in runs]
+    # By now every pipeline has run in this project: summary.md has each one's newest headline.
+    summary = (out / "08_reporting" / "summary.md").read_text()
+    sections = [line.removeprefix("## ") for line in summary.splitlines() if line.startswith("## ")]
+    assert sections == ["dedup", "pretrain", "fewshot", "finetune", "vtab", "drloc", "analysis"]
+    assert "Not run yet" not in summary and f"with DRLoc {results['summary']['with']['mean']:.1%}" in summary
 
 
-def test_tiny_masked_patch_pretraining_then_fine_tunes_as_usual(tmp_path):
+def test_tiny_masked_patch_pretraining_keeps_the_first_run_then_fine_tunes_as_usual(tmp_path):
     copy = copy_project(tmp_path / "mpp")
-    kedro(
-        copy,
-        "run",
-        "--env",
-        "tiny",
-        "--pipeline",
-        "pretrain",
-        "--params",
-        "pretrain.train.objective=masked_patch",
-    )
+    kedro(copy, "run", "--env", "tiny", "--pipelines", "pretrain")
+    masked = ("--params", "pretrain.train.objective=masked_patch")
+    kedro(copy, "run", "--env", "tiny", "--pipelines", "pretrain", *masked)
     out = copy / "data" / "tiny"
-    metrics = json.loads((out / "08_reporting" / "pretrain_metrics.json").read_text())
-    assert metrics["objective"] == "masked_patch" and metrics["num_classes"] == 512
-    assert metrics["chance_accuracy"] == 1 / 512 and 0 <= metrics["minival_accuracy"] <= 1
-    assert load_model(out / "06_models" / "pretrain").config.num_classes == 512
-    kedro(copy, "run", "--env", "tiny", "--pipeline", "finetune")
-    tuned = json.loads((out / "08_reporting" / "finetune_metrics.json").read_text())
+    both = [
+        json.loads(p.read_text()) for p in sorted((out / "08_reporting").glob("pretrain_metrics.json/*/*"))
+    ]
+    assert [m["objective"] for m in both] == [
+        "classification",
+        "masked_patch",
+    ]  # the first run's result stays
+    metrics = both[-1]
+    assert metrics["num_classes"] == 512 and metrics["chance_accuracy"] == 1 / 512
+    assert 0 <= metrics["minival_accuracy"] <= 1
+    models = sorted((out / "06_models" / "pretrain").glob("*/model.safetensors"))
+    assert [load_model(m.parent).config.num_classes for m in models] == [40, 512]
+    tuning = kedro(copy, "run", "--env", "tiny", "--pipelines", "finetune")
+    assert f"model of version {models[-1].parent.name}" in tuning.stdout + tuning.stderr  # the newest run's
+    tuned = json.loads(newest(out / "08_reporting" / "finetune_metrics.json").read_text())
     assert set(tuned) == set(embedded.DOWNSTREAM_NAMES)
     assert all(0 <= r["test_accuracy"] <= 1 and r["num_classes"] < 512 for r in tuned.values())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -14,17 +15,21 @@ from kedro.pipeline import Pipeline
 
 from vit_pipelines.dedup import DedupConfig
 from vit_pipelines.evaluation.fewshot import check_fewshot_params
+from vit_pipelines.kedro_io import ViTModelDataset, version_earlier_result
 from vit_pipelines.locks import RunLock
 from vit_pipelines.models.config import ViTConfig
-from vit_pipelines.pipelines.downstream import use_run_globals
+from vit_pipelines.pipelines.downstream import run_command, use_run_globals
+from vit_pipelines.summary import HEADLINES, end_of_run, folder_bytes, summary_markdown
 from vit_pipelines.training.loop import TrainConfig, process_state
 from vit_pipelines.training.objectives import DRLocConfig
 from vit_pipelines.training.saving import writable_folder
 
+log = logging.getLogger(__name__)
+
 
 class CheckOutputsWritable:
     """Before a pipeline starts, every file or folder it will write must be writable: a clear error then, not
-    after an hour of training."""
+    after an hour of training. A result an earlier release saved without a version is moved into one first."""
 
     @hook_impl
     def before_pipeline_run(self, pipeline: Pipeline, catalog: Any) -> None:
@@ -33,6 +38,8 @@ class CheckOutputsWritable:
         for name in sorted(pipeline.all_outputs()):
             if name not in catalog:
                 continue  # an in-memory dataset
+            if moved := version_earlier_result(catalog[name]):
+                log.info("%s: the earlier unversioned result is now version %s", name, moved.name)
             target = getattr(catalog[name], "_filepath", None) or getattr(catalog[name], "_path", None)
             if target is None:
                 continue
@@ -175,6 +182,58 @@ class OneRunPerDataFolder:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
+
+
+class SummariseTheRun:
+    """After a run (main process): its headline numbers, where its models and reports are and what to run
+    next, logged; `<data_root>/08_reporting/summary.md` rewritten with the newest result of every pipeline."""
+
+    def __init__(self) -> None:
+        self.project: Path | None = None
+        self.data_root = "data"
+
+    @hook_impl
+    def after_context_created(self, context: Any) -> None:
+        self.project = Path(context.project_path)
+        self.data_root = context.config_loader["globals"].get("data_root", "data")
+
+    @hook_impl
+    def after_pipeline_run(self, run_params: dict[str, Any], pipeline: Pipeline, catalog: Any) -> None:
+        if self.project is None or not process_state().is_main_process:
+            return
+        newest = {}  # every pipeline's report: name → (report, path, version)
+        for name in HEADLINES:
+            dataset = catalog.get(name) if name in catalog else None
+            if dataset is not None and dataset.exists():
+                path, version = self._newest(dataset)
+                newest[name] = (catalog.load(name), path, version)
+        files = {}
+        for name in sorted(pipeline.all_outputs()):
+            dataset = catalog.get(name) if name in catalog else None
+            layer = ((getattr(dataset, "metadata", None) or {}).get("kedro-viz") or {}).get("layer")
+            if layer in ("models", "reporting") and dataset.exists():
+                files[name] = self._newest(dataset)[0]
+        root = self.project / self.data_root
+        size = folder_bytes(root)
+        reports = {
+            name: newest[name][0] for name in HEADLINES if name in newest and name in pipeline.all_outputs()
+        }
+        names = ",".join(run_params.get("pipeline_names") or ["__default__"])
+        log.info("%s", end_of_run(run_command(names), reports, files, self.data_root, size, run_command))
+        summary = root / "08_reporting" / "summary.md"
+        summary.parent.mkdir(parents=True, exist_ok=True)
+        summary.write_text(summary_markdown(newest, self.data_root, size))
+
+    def _newest(self, dataset: Any) -> tuple[str, str]:
+        """The path (relative to the project) and version ("" if unversioned) of a dataset's newest save."""
+        if getattr(dataset, "_version", None):
+            path = Path(dataset.list_versions()[0])
+            version = path.parent.name
+            path = path.parent if isinstance(dataset, ViTModelDataset) else path
+        else:
+            path = Path(str(getattr(dataset, "_filepath", "")))
+            version = ""
+        return os.path.relpath(path, self.project), version
 
 
 class QuietNonMainRanks:

@@ -5,18 +5,30 @@ The only module below `pipelines/` that imports Kedro; it adapts the Kedro-free 
 
 from __future__ import annotations
 
-from pathlib import Path
+import logging
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import datasets
-from kedro.io import AbstractDataset, DataCatalog, DatasetError, MemoryDataset
+from kedro.io import (
+    AbstractDataset,
+    AbstractVersionedDataset,
+    DataCatalog,
+    DatasetError,
+    MemoryDataset,
+    Version,
+)
+from kedro.io.core import VersionNotFoundError
 
 from vit_pipelines.data.cache import MANIFEST, ShardBuild, open_shards
 from vit_pipelines.data.sources import load_image_dataset
 from vit_pipelines.data.streaming import StreamedImages
 from vit_pipelines.models.vit import VisionTransformer
 from vit_pipelines.training.loop import process_state
-from vit_pipelines.training.saving import WEIGHTS, load_model, save_model
+from vit_pipelines.training.saving import CONFIG, LABELS, WEIGHTS, load_model, save_model
+
+log = logging.getLogger(__name__)
 
 
 class ImageSourceDataset(AbstractDataset[None, datasets.Dataset | StreamedImages]):
@@ -70,30 +82,76 @@ class ImageShardsDataset(AbstractDataset[ShardBuild, datasets.Dataset]):
         return {"path": str(self._path)}
 
 
-class ViTModelDataset(AbstractDataset[VisionTransformer, VisionTransformer | None]):
-    """A `VisionTransformer` as `path/model.safetensors` + `path/config.json`. With `optional: true` a
-    missing checkpoint loads as None, so a node can fall back to another source and explain."""
+class ViTModelDataset(AbstractVersionedDataset[VisionTransformer, VisionTransformer | None]):
+    """A `VisionTransformer` as `path/model.safetensors` + `path/config.json`; with `versioned: true`, each run
+    saves `path/<version>/` and loads the newest (or `--load-versions <name>:<version>`). With
+    `optional: true` a missing checkpoint loads as None, so a node can fall back to another source and
+    explain."""
 
-    def __init__(self, path: str, optional: bool = False, metadata: dict[str, Any] | None = None) -> None:
-        self._path = Path(path)
+    def __init__(
+        self,
+        path: str,
+        optional: bool = False,
+        version: Version | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(PurePosixPath(path), version)
         self._optional = optional
         self.metadata = metadata
 
+    def _get_versioned_path(self, version: str) -> PurePosixPath:
+        return self._filepath / version / WEIGHTS  # `pretrain/<version>/model.safetensors` and its config
+
+    def _weights(self) -> Path:
+        return Path(self._get_load_path() if self._version else self._filepath / WEIGHTS)
+
     def load(self) -> VisionTransformer | None:
-        if not (self._path / WEIGHTS).exists():
+        if not self._exists():
             if self._optional:
                 return None
-            raise DatasetError(f"no checkpoint at {self._path}; run `kedro run --pipeline pretrain` first")
-        return load_model(self._path)
+            raise DatasetError(
+                f"no checkpoint at {self._filepath}; run `kedro run --pipelines pretrain` first"
+            )
+        if self._version:  # which run a later pipeline starts from
+            log.info("model of version %s (%s)", self.resolve_load_version(), self._filepath)
+        return load_model(self._weights().parent)
 
     def save(self, data: VisionTransformer) -> None:
-        save_model(data, self._path)
+        save_model(data, Path(self._get_save_path()).parent if self._version else self._filepath)
 
     def _exists(self) -> bool:
-        return (self._path / WEIGHTS).exists()
+        try:
+            return self._weights().exists()
+        except VersionNotFoundError:
+            return False
 
     def _describe(self) -> dict[str, Any]:
-        return {"path": str(self._path)}
+        return {"path": str(self._filepath), "version": self._version}
+
+
+def version_earlier_result(dataset: AbstractDataset) -> Path | None:
+    """A versioned dataset's output that an earlier release wrote without a version (`x.json` as a file, a model
+    folder with its weights at the top) moved into `<path>/<its time>/`, where versioned saving and loading see
+    it; the new folder, or None when there was nothing to move."""
+    if not isinstance(dataset, AbstractVersionedDataset) or not dataset._version:
+        return None
+    path = Path(str(dataset._filepath))
+    model = isinstance(dataset, ViTModelDataset) and (path / WEIGHTS).is_file()
+    if not (path.is_file() or model):
+        return None
+    moved = [path / name for name in (LABELS, CONFIG, WEIGHTS) if (path / name).exists()] if model else [path]
+    stamp = datetime.fromtimestamp(moved[-1].stat().st_mtime, timezone.utc)
+    version = stamp.strftime("%Y-%m-%dT%H.%M.%S.") + f"{stamp.microsecond // 1000:03d}Z"  # Kedro's format
+    if model:
+        (path / version).mkdir()
+        for file in moved:
+            file.rename(path / version / file.name)
+        return path / version
+    tmp = path.with_name(path.name + ".unversioned")
+    path.rename(tmp)
+    (path / version).mkdir(parents=True)
+    tmp.rename(path / version / path.name)
+    return path / version
 
 
 class RankAwareCatalog(DataCatalog):

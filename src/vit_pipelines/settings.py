@@ -2,6 +2,7 @@
 
 import os
 import sys
+import warnings
 
 from kedro.config import OmegaConfigLoader
 
@@ -10,6 +11,7 @@ from vit_pipelines.hooks import (
     CheckParameters,
     OneRunPerDataFolder,
     QuietNonMainRanks,
+    SummariseTheRun,
     UseRunGlobals,
 )
 from vit_pipelines.kedro_io import RankAwareCatalog
@@ -23,11 +25,18 @@ HOOKS = (
     CheckOutputsWritable(),
     OneRunPerDataFolder(),
     QuietNonMainRanks(),
+    SummariseTheRun(),
 )
 
 # Logs written to a file or a CI log keep whole lines: rich wraps at 80 columns where it finds no terminal.
 if not sys.stdout.isatty():
     os.environ.setdefault("COLUMNS", "200")
+
+# Kedro 1.7's own config loader still calls OmegaConf 2.4's deprecated `register_new_resolver`; nothing a user
+# can act on, so it is not shown (the project registers no resolvers of its own).
+warnings.filterwarnings(
+    "ignore", r"register_new_resolver\(\) is deprecated", UserWarning, r"kedro\.config\.omegaconf_config"
+)
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import multiprocessing
 import os
 import shutil
@@ -38,6 +39,8 @@ from tqdm.auto import tqdm
 from vit_pipelines.data.ops import BadImageError, build_pp, open_image
 from vit_pipelines.data.streaming import StreamedImages
 from vit_pipelines.workers import die_with_parent
+
+log = logging.getLogger(__name__)
 
 STORAGE_MODES = ("encoded", "pixels")
 KEPT_FORMATS = ("JPEG", "PNG", "WEBP")  # stored as they came; anything else PIL reads is re-encoded as PNG
@@ -104,7 +107,7 @@ class ShardBuild:
             rows_per_shard = max(1, min(len(self.rows), self.shard_bytes // row_bytes))
             starts = self._shard_starts(rows_per_shard)
             key = hashlib.sha1(
-                json.dumps([_fingerprint(self.source), self.storage, self.pp, starts, shape]).encode()
+                json.dumps([fingerprint(self.source), self.storage, self.pp, starts, shape]).encode()
                 + np.asarray(self.rows, np.int64).tobytes()
             ).hexdigest()[:16]
             self._plan.update(starts=starts, shape=shape, key=key)
@@ -148,6 +151,8 @@ class ShardBuild:
         key = self.plan["key"]
         done = _read_json(folder / MANIFEST)
         if done.get("key") == key:  # the same rows, storage and pp are already cached: nothing to write
+            if rank == 0:
+                log.info("%s already holds these rows, stored the same way: kept", folder)
             return done
         if rank == 0:
             if _read_json(partial / "build.json").get("key") != key:  # another build's leftovers
@@ -346,7 +351,8 @@ def _raw_bytes(value: Any) -> bytes:
     return value if isinstance(value, bytes | bytearray) else b""
 
 
-def _fingerprint(source: datasets.Dataset | StreamedImages) -> str:
+def fingerprint(source: datasets.Dataset | StreamedImages) -> str:
+    """What identifies a source's content: the `datasets` fingerprint, or a streamed source's own."""
     return source.fingerprint if isinstance(source, StreamedImages) else source._fingerprint
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import pickle
 import re
 from collections import Counter
@@ -208,11 +209,32 @@ def _write_folder(folder: Path, tensors: Mapping[str, torch.Tensor], config_json
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     save_file(tensors, folder / WEIGHTS, metadata={"format": "pt"})
+    _readable_as_any_file(folder / WEIGHTS)
     (folder / CONFIG).write_text(config_json)
 
 
+def _readable_as_any_file(path: Path) -> None:
+    """The mode a plain `open()` would have given (safetensors writes 0600): readable by the group that
+    shares the data folder."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
+
+
+def newest_version(folder: str | Path) -> Path:
+    """`folder` itself when it holds weights, else its newest subfolder that does (version names are UTC
+    timestamps, which sort by time); `folder` when there is none."""
+    folder = Path(folder)
+    if (folder / WEIGHTS).exists() or (folder / HF_PICKLE_WEIGHTS).exists():
+        return folder
+    versions = sorted(p.parent for p in folder.glob(f"*/{WEIGHTS}"))
+    return versions[-1] if versions else folder
+
+
 def _read_folder(folder: Path) -> tuple[dict[str, Any], Tensors]:
-    """`config.json` and the weights of a checkpoint folder (model.safetensors, else pytorch_model.bin)."""
+    """`config.json` and the weights of a checkpoint folder (model.safetensors, else pytorch_model.bin); of a
+    folder of versions (a pipeline's model output, Kedro's `versioned: true`), the newest version's."""
+    folder = newest_version(folder)
     weights = [folder / name for name in (WEIGHTS, HF_PICKLE_WEIGHTS) if (folder / name).exists()]
     if not weights:
         raise FileNotFoundError(f"no {WEIGHTS} or {HF_PICKLE_WEIGHTS} in {folder}")

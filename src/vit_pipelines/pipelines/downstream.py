@@ -1,7 +1,7 @@
 """What the downstream pipelines share: the lists they fan out over, and the model they start from.
 
 Kedro builds pipelines before it reads parameters, so the lists live in `globals.yml`: `downstream_datasets`
-(few-shot, de-duplication, fine-tuning; each name needs catalog entries `downstream.<name>.train` and `.test`)
+(few-shot, de-duplication, fine-tuning; each name needs catalog entries `downstream_<name>_train` and `_test`)
 and `vtab_tasks` (each name needs an entry in the `vtab.tasks` registry, conf/base/parameters_vtab.yml). They
 are read through Kedro's config loader, as every other setting: `base` overridden by the run's environment
 (`local`, or the one `--env` names).
@@ -29,9 +29,9 @@ def use_run_globals(values: dict[str, Any], env: str | None = None) -> None:
 
 
 def run_command(pipeline: str) -> str:
-    """`kedro run --pipeline <pipeline>` in the running session's environment (`--env tiny` where it is)."""
+    """`kedro run --pipelines <pipeline>` in the running session's environment (`--env tiny` where it is)."""
     env = _SESSION.get("env")
-    return f"kedro run{'' if env in (None, 'local') else f' --env {env}'} --pipeline {pipeline}"
+    return f"kedro run{'' if env in (None, 'local') else f' --env {env}'} --pipelines {pipeline}"
 
 
 def run_globals(conf_source: str | Path = "conf", env: str | None = None) -> dict[str, Any]:
@@ -69,6 +69,11 @@ def vtab_tasks(conf_source: str | Path = "conf", env: str | None = None) -> list
     return _names_from_globals("vtab_tasks", list(DOWNSTREAM_NAMES), conf_source, env)
 
 
+def downstream_split(name: str, split: str) -> str:
+    """The catalog name of a downstream set's split (conf/base/catalog.yml: `downstream_{name}_train`)."""
+    return f"downstream_{name}_{split}"
+
+
 def start_model(
     pretrained_model: VisionTransformer | None, params: dict[str, Any], *, pipeline: str, **load_options: Any
 ) -> VisionTransformer:
@@ -90,7 +95,8 @@ def for_each_downstream_dataset(
 ) -> tuple[Pipeline, list[str]]:
     """`template` once per downstream dataset, in namespace `<prefix>.<name>`, reading that set's splits as
     `train_raw` and `test_raw`; the `shared` inputs and `parameters` are the same for every set. Returns the
-    pipelines and the dataset names (for the report's inputs, `<prefix>.<name>.<output>`)."""
+    pipelines and the dataset names (for the report's inputs, `<prefix>.<name>.<output>`; the nodes around
+    them belong to namespace `<prefix>`, so the whole pipeline is one namespace in `kedro viz`)."""
     names = downstream_datasets()
     per_dataset = [
         pipeline(
@@ -98,8 +104,8 @@ def for_each_downstream_dataset(
             namespace=f"{prefix}.{name}",
             inputs={
                 **{s: s for s in shared},
-                "train_raw": f"downstream.{name}.train",
-                "test_raw": f"downstream.{name}.test",
+                "train_raw": downstream_split(name, "train"),
+                "test_raw": downstream_split(name, "test"),
             },
             parameters=parameters,
         )

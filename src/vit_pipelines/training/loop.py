@@ -155,8 +155,8 @@ class TrainConfig:
 class TrainResult:
     model: VisionTransformer
     history: list[dict[str, float]] = field(default_factory=list)
-    resumed_from_step: int = 0
-    wall_seconds: float = 0.0
+    resumed_from_step: int = 0  # where this session started
+    wall_seconds: float = 0.0  # the run's, over all its sessions
     images_per_second: float = 0.0
     ema_model: VisionTransformer | None = None  # the EMA weights (buffers from `model`) when ema_decay is set
 
@@ -294,7 +294,7 @@ def train(
     if config.ema_decay is not None:
         ema = {name: p.detach().float().clone() for name, p in model.named_parameters()}
 
-    run_dir, start, history = None, 0, []
+    run_dir, start, history, saved = None, 0, [], {}
     if checkpoint_dir is not None:
         run_dir = Path(checkpoint_dir) / run_fingerprint(
             model, config, len(train_cache), data_identity(train_cache)
@@ -345,6 +345,12 @@ def train(
     # terms, each summed over what the objective counts (images or corrupted patches)
     first_bad = torch.full((), -1, dtype=torch.long, device=accelerator.device)  # first non-finite loss step
     t_start = t_log = time.perf_counter()
+
+    def run_seconds() -> float:  # every session of the run, this one up to now
+        return saved.get("wall_seconds", 0.0) + time.perf_counter() - t_start
+
+    # the run's time as its final checkpoint records it; a finished run asked again reports that, not a no-op's
+    finished_at = saved.get("wall_seconds") if start == config.steps else None
     images_since_log, data_wait = 0, 0.0  # seconds spent waiting for batches since the last log
     prepared.train()
     for step in range(start, end):
@@ -417,6 +423,9 @@ def train(
         if evaluators and (is_last or (config.eval_every and done % config.eval_every == 0)):
             history.append(evaluate(done))
             prepared.train()
+            if accelerator.is_main_process:
+                shown = ", ".join(f"{k} {v:.4f}" for k, v in history[-1].items() if k != "step")
+                bar.write(f"{description} step {done}: {shown}")
         if saving:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
@@ -424,7 +433,9 @@ def train(
                     "fingerprint": run_dir.name,
                     "config": dataclasses.asdict(config),
                     "history": history,
+                    "wall_seconds": run_seconds(),
                 }
+                finished_at = state["wall_seconds"] if is_last else None
                 save_training_state(
                     run_dir,
                     done,
@@ -437,7 +448,7 @@ def train(
                 )
         t_log += time.perf_counter() - t_pause
     bar.close()
-    wall = time.perf_counter() - t_start
+    wall = run_seconds() if finished_at is None else finished_at
     unwrapped = model.to("cpu").eval()
     ema_model = None
     if ema is not None:

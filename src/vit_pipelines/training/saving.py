@@ -18,7 +18,14 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from vit_pipelines.models.checkpoints import CONFIG, WEIGHTS, load_pretrained, read_native, write_native
+from vit_pipelines.models.checkpoints import (
+    CONFIG,
+    WEIGHTS,
+    load_pretrained,
+    newest_version,
+    read_native,
+    write_native,
+)
 from vit_pipelines.models.vit import VisionTransformer
 
 LABELS = "labels.json"  # class id → name, beside a model trained on named classes
@@ -72,7 +79,9 @@ def save_model(model: VisionTransformer, folder: str | Path) -> None:
 
 
 def load_model(folder: str | Path) -> VisionTransformer:
-    """The model `save_model` wrote to `folder` (eval mode), with its `class_names` if it has them."""
+    """The model `save_model` wrote to `folder` (or to the newest version in it), eval mode, with its
+    `class_names` if it has them."""
+    folder = newest_version(folder)
     model = load_pretrained(folder, format="native")
     labels = Path(folder) / LABELS
     if labels.exists():

@@ -1,4 +1,4 @@
-"""`kedro run --pipeline analysis`: the paper's Fig. 6 and 7 for the latest pretrained model."""
+"""`kedro run --pipelines analysis`: the paper's Fig. 6 and 7 for the latest pretrained model."""
 
 from vit_pipelines.pipelines.analysis.pipeline import create_pipeline
 

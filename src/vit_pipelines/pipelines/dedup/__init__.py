@@ -1,4 +1,4 @@
-"""`kedro run --pipeline dedup`: remove near-duplicates of downstream test images from the pretraining set."""
+"""`kedro run --pipelines dedup`: remove near-duplicates of downstream test images from the pretraining set."""
 
 from vit_pipelines.pipelines.dedup.pipeline import create_pipeline
 

@@ -6,9 +6,13 @@ The downstream test sets arrive as keyword arguments named after the downstream 
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
+import json
 import logging
 from collections import Counter
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import datasets
@@ -17,6 +21,7 @@ from accelerate.utils import gather_object
 from matplotlib.figure import Figure
 from PIL import ImageOps
 
+from vit_pipelines.data.cache import fingerprint
 from vit_pipelines.data.ops import open_image
 from vit_pipelines.dedup import DedupConfig, build_index, join_references, search
 from vit_pipelines.dedup.plots import plot_pairs
@@ -27,7 +32,40 @@ from vit_pipelines.training.loop import process_state
 log = logging.getLogger(__name__)
 
 
+SEARCH_SETTINGS = ("threshold", "colour_threshold", "candidate_threshold", "max_candidates", "stage1", "nprobe",
+                   "copy_model")  # fmt: skip  # what the matches depend on, beside the images
+
+
 def find_duplicates(
+    pretrain: datasets.Dataset, params: dict[str, Any], **test_sets: datasets.Dataset
+) -> dict:
+    """`search_duplicates`, or, when `params["reuse_dir"]` holds a search of the same images (by their
+    datasets' fingerprints) with the same settings by this package version, its result: a re-run whose inputs
+    did not change skips the search."""
+    key = hashlib.sha1(
+        json.dumps(
+            [
+                importlib.metadata.version("vit-pipelines"),
+                fingerprint(pretrain),
+                {name: fingerprint(test) for name, test in sorted(test_sets.items())},
+                {k: params.get(k) for k in SEARCH_SETTINGS},
+            ]
+        ).encode()
+    ).hexdigest()[:16]
+    done = Path(params["reuse_dir"]) / f"{key}.json" if params.get("reuse_dir") else None
+    if done is not None and done.exists():
+        log.info("the same images and settings were searched before: reusing %s", done)
+        return json.loads(done.read_text())
+    found = search_duplicates(pretrain, params, **test_sets)
+    if done is not None and process_state().is_main_process:
+        done.parent.mkdir(parents=True, exist_ok=True)
+        tmp = done.with_suffix(".tmp")
+        tmp.write_text(json.dumps(found))
+        tmp.replace(done)
+    return found
+
+
+def search_duplicates(
     pretrain: datasets.Dataset, params: dict[str, Any], **test_sets: datasets.Dataset
 ) -> dict:
     """Every pretraining image that is a near-duplicate of a test image, with its best match over all sets:
@@ -39,7 +77,7 @@ def find_duplicates(
     config = DedupConfig.from_params(params, state.num_processes)
     for name, test in test_sets.items():
         if len(test) == 0:
-            raise ValueError(f"downstream.{name}.test is empty: there is nothing to de-duplicate it against")
+            raise ValueError(f"downstream_{name}_test is empty: there is nothing to de-duplicate it against")
     images, owners = join_references(test_sets)
     try:
         index, unreadable_tests = build_index(images, config)
@@ -47,7 +85,7 @@ def find_duplicates(
         raise ValueError(f"downstream test sets {', '.join(test_sets)}: {err}") from err
     if unreadable_tests:  # a test image that cannot be read cannot be checked for copies
         missing = sorted(set(range(len(images))) - set(int(i) for i in index.ids))
-        named = ", ".join(f"downstream.{owners[i][0]}.test row {owners[i][1]}" for i in missing[:5])
+        named = ", ".join(f"downstream_{owners[i][0]}_test row {owners[i][1]}" for i in missing[:5])
         raise ValueError(
             f"{len(missing)} test images cannot be read ({unreadable_tests}): {named}"
             f"{', …' if len(missing) > 5 else ''}; repair or remove them"

@@ -1,12 +1,12 @@
 from kedro.pipeline import Pipeline, node, pipeline
 
 from vit_pipelines.pipelines.dedup import nodes
-from vit_pipelines.pipelines.downstream import downstream_datasets
+from vit_pipelines.pipelines.downstream import downstream_datasets, downstream_split
 
 
 def create_pipeline(**kwargs) -> Pipeline:
     # every downstream set's TEST split (conf/base/globals.yml: downstream_datasets), one keyword each
-    test_sets = {name: f"downstream.{name}.test" for name in downstream_datasets()}
+    test_sets = {name: downstream_split(name, "test") for name in downstream_datasets()}
     return pipeline(
         [
             node(

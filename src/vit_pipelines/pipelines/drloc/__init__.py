@@ -1,4 +1,4 @@
-"""`kedro run --pipeline drloc`: the pretraining model trained from scratch with and without DRLoc."""
+"""`kedro run --pipelines drloc`: the pretraining model trained from scratch with and without DRLoc."""
 
 from vit_pipelines.pipelines.drloc.pipeline import create_pipeline
 

@@ -1,4 +1,4 @@
-"""`kedro run --pipeline fewshot`: few-shot linear ridge evaluation of a checkpoint on every downstream set."""
+"""`kedro run --pipelines fewshot`: few-shot linear ridge evaluation of a checkpoint on every downstream set."""
 
 from vit_pipelines.pipelines.fewshot.pipeline import create_pipeline
 

@@ -5,12 +5,13 @@ from vit_pipelines.pipelines.fewshot import nodes
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    """One namespace per downstream dataset (`fewshot.<name>`), then one report over all of them."""
+    """Namespace `fewshot`: the model, one namespace per downstream dataset (`fewshot.<name>`), one report."""
     select = node(
         nodes.select_model,
         ["pretrained_model", "params:fewshot"],
         "fewshot_model",
         name="select_fewshot_model",
+        namespace="fewshot",
     )
     evaluate = node(
         nodes.evaluate_dataset,
@@ -26,5 +27,6 @@ def create_pipeline(**kwargs) -> Pipeline:
         inputs={name: f"fewshot.{name}.results" for name in names},
         outputs=["fewshot_results", "fewshot_plot"],
         name="report_fewshot",
+        namespace="fewshot",
     )
     return pipeline([select]) + per_dataset + pipeline([summary])

@@ -25,7 +25,8 @@ def _sweep_then_train(start: str, tag: str, model: str) -> list[Node]:
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    """One namespace per downstream dataset (`finetune.<name>`), then one report over all of them."""
+    """Namespace `finetune`: the start models, one namespace per downstream dataset (`finetune.<name>`), one
+    report."""
     select = pipeline(
         [
             node(
@@ -33,12 +34,14 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ["pretrained_model", "params:finetune"],
                 "finetune_pretrained_model",
                 name="select_finetune_model",
+                namespace="finetune",
             ),
             node(
                 nodes.from_scratch_model,
                 ["finetune_pretrained_model", "params:finetune"],
                 "finetune_scratch_model",
                 name="init_from_scratch_model",
+                namespace="finetune",
             ),
         ]
     )
@@ -78,5 +81,6 @@ def create_pipeline(**kwargs) -> Pipeline:
         inputs={name: f"finetune.{name}.result" for name in names},
         outputs=["finetune_metrics", "finetune_curves"],
         name="report_finetune",
+        namespace="finetune",
     )
     return select + per_dataset + pipeline([summary])

@@ -1,4 +1,4 @@
-"""`kedro run --pipeline pretrain`: preprocess → train → evaluate on the pretraining dataset."""
+"""`kedro run --pipelines pretrain`: preprocess → train → evaluate on the pretraining dataset."""
 
 from vit_pipelines.pipelines.pretrain.pipeline import create_pipeline
 

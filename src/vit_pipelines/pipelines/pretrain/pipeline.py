@@ -1,7 +1,7 @@
 from kedro.pipeline import Pipeline, node, pipeline
 
 from vit_pipelines.pipelines import dedup
-from vit_pipelines.pipelines.downstream import downstream_datasets
+from vit_pipelines.pipelines.downstream import downstream_datasets, downstream_split
 from vit_pipelines.pipelines.pretrain import nodes
 
 
@@ -35,7 +35,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "minival": "pretrain_cache_minival",
                     "params": "params:pretrain",
                     **{
-                        f"{n}_{split}": f"downstream.{n}.{split}"
+                        f"{n}_{split}": downstream_split(n, split)
                         for n in downstream_datasets()
                         for split in ("train", "test")
                     },

@@ -1,4 +1,4 @@
-"""`kedro run --pipeline vtab`: the VTAB-1k protocol over the tasks in `vtab_tasks` (conf/base/globals.yml)."""
+"""`kedro run --pipelines vtab`: the VTAB-1k protocol over the tasks in `vtab_tasks` (conf/base/globals.yml)."""
 
 from vit_pipelines.pipelines.vtab.pipeline import create_pipeline
 

@@ -12,14 +12,15 @@ def _for_task(function, task: str):
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    """A sweep per task (namespace `vtab.<task>`), one setting chosen over all tasks, a final run per task,
-    one report."""
+    """Namespace `vtab`: a sweep per task (`vtab.sweep.<task>`), one setting chosen over all tasks, a final
+    run per task (`vtab.test.<task>`), one report."""
     tasks = vtab_tasks()
     select = node(
         nodes.select_model,
         ["pretrained_model", "params:vtab"],
         "vtab_pretrained_model",
         name="select_vtab_model",
+        namespace="vtab",
     )
     sweeps = [
         pipeline(
@@ -31,7 +32,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     name="sweep_settings",
                 )
             ],
-            namespace=f"vtab.{task}",
+            namespace=f"vtab.sweep.{task}",
             inputs={"vtab_pretrained_model"},
             parameters={"params:vtab"},
         )
@@ -39,9 +40,10 @@ def create_pipeline(**kwargs) -> Pipeline:
     ]
     choose = node(
         nodes.choose_setting,
-        inputs={"params": "params:vtab", **{task: f"vtab.{task}.sweep" for task in tasks}},
+        inputs={"params": "params:vtab", **{task: f"vtab.sweep.{task}.sweep" for task in tasks}},
         outputs="vtab_chosen_setting",
         name="choose_one_setting_for_all_tasks",
+        namespace="vtab",
     )
     finals = [
         pipeline(
@@ -53,8 +55,12 @@ def create_pipeline(**kwargs) -> Pipeline:
                     name="train_and_test",
                 )
             ],
-            namespace=f"vtab.{task}",
-            inputs={"vtab_pretrained_model", "vtab_chosen_setting"},
+            namespace=f"vtab.test.{task}",
+            inputs={
+                "vtab_pretrained_model": "vtab_pretrained_model",
+                "vtab_chosen_setting": "vtab_chosen_setting",
+                "sweep": f"vtab.sweep.{task}.sweep",
+            },
             parameters={"params:vtab"},
         )
         for task in tasks
@@ -64,9 +70,10 @@ def create_pipeline(**kwargs) -> Pipeline:
         inputs={
             "params": "params:vtab",
             "choice": "vtab_chosen_setting",
-            **{task: f"vtab.{task}.result" for task in tasks},
+            **{task: f"vtab.test.{task}.result" for task in tasks},
         },
         outputs=["vtab_results", "vtab_plot"],
         name="report_vtab",
+        namespace="vtab",
     )
     return pipeline([select, choose, summary]) + sum(sweeps, Pipeline([])) + sum(finals, Pipeline([]))
