@@ -1,4 +1,5 @@
-"""`python -m vit_pipelines` runs the project like `kedro run`."""
+"""`python -m vit_pipelines` runs the project like `kedro run`; `main` is also what `accelerate launch --tpu
+--main_training_function main -m vit_pipelines.__main__ ...` calls once per TPU device."""
 
 import sys
 from pathlib import Path

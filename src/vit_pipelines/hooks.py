@@ -238,12 +238,18 @@ class SummariseTheRun:
 
 class QuietNonMainRanks:
     """Ranks other than the main one log warnings and errors only (their progress bars are off from the
-    package's import, see `vit_pipelines/__init__.py`), so a multi-process run prints what one process does."""
+    package's import, see `vit_pipelines/__init__.py`), so a multi-process run prints what one process does.
+    Decided per record by the rank that logs it: where ranks are threads of one process (XLA), rank 0 still
+    logs everything."""
 
     @hook_impl
     def before_pipeline_run(self) -> None:
-        if process_state().is_main_process:
+        if process_state().num_processes == 1:
             return
-        logging.getLogger().setLevel(logging.WARNING)
-        for name in ("kedro", "vit_pipelines"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+        for handler in logging.getLogger().handlers:
+            if _main_rank_or_warning not in handler.filters:
+                handler.addFilter(_main_rank_or_warning)
+
+
+def _main_rank_or_warning(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or process_state().is_main_process

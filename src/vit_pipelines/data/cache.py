@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from vit_pipelines.data.ops import BadImageError, build_pp, open_image
 from vit_pipelines.data.streaming import StreamedImages
-from vit_pipelines.workers import die_with_parent
+from vit_pipelines.workers import die_with_parent, writer_id
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ class ShardBuild:
         counts, formats, examples = Counter(), Counter(), {}
         started = time.perf_counter()
         path = folder / _shard_name(index)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp = path.with_suffix(f".tmp{writer_id()}")
         source_bytes = 0
         with ArrowWriter(features=self.features(), path=str(tmp), writer_batch_size=256) as writer:
             for first in range(0, len(rows), 256):

@@ -35,7 +35,8 @@ class CachedImages(torch.utils.data.Dataset):
 
     Rows are read from zero-copy views of the cache's Arrow chunks (memory-mapped where the cache is on disk),
     made on first use in the process that reads: `datasets`' own row formatting took two thirds of a
-    128-image batch's time at 32 px. Pickling (DataLoader workers) carries the dataset, not the views."""
+    128-image batch's time at 32 px. Pickling (DataLoader workers) carries the dataset and the pp spec, not the
+    views or the built ops."""
 
     def __init__(self, cache: datasets.Dataset, pp: str, seed: int = 0) -> None:
         host, device = split_pp(pp)
@@ -43,13 +44,17 @@ class CachedImages(torch.utils.data.Dataset):
         if self.encoded and not host.lstrip().startswith(DECODE_OPS):
             host = "|".join(filter(None, ("decode", host)))
         self.cache = cache
-        self.pp = build_pp(host)
         self.seed = seed
-        self._device_pp = build_pp(device)
+        self._specs = (host, device)
+        self.pp, self._device_pp = build_pp(host), build_pp(device)
         self._columns: tuple[list, np.ndarray, np.ndarray, np.ndarray | None] | None = None
 
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_columns": None}
+    def __getstate__(self) -> dict:  # built ops are closures: a spawned worker (XLA's launcher) rebuilds them
+        return {**self.__dict__, "_columns": None, "pp": None, "_device_pp": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.pp, self._device_pp = (build_pp(spec) for spec in self._specs)
 
     def on_device(self, images: torch.Tensor) -> torch.Tensor:
         """The pp's element-wise tail on a whole batch, where it is (no random ops: no generator needed)."""

@@ -24,7 +24,6 @@ import glob
 import hashlib
 import json
 import logging
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +33,7 @@ import datasets
 
 from vit_pipelines.data import embedded
 from vit_pipelines.data.streaming import StreamedImages, open_streamed, read_all
+from vit_pipelines.workers import writer_id
 
 log = logging.getLogger(__name__)
 KINDS = ("embedded", "parquet", "arrow", "webdataset", "imagefolder", "hub")
@@ -138,7 +138,7 @@ def _load_embedded(
             if name == "pretrain"
             else embedded.build_downstream(name, **options)
         )
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")  # per process: ranks may build at once
+        tmp = path.with_name(f"{path.name}.tmp{writer_id()}")  # ranks may build at once
         shutil.rmtree(tmp, ignore_errors=True)
         built.save_to_disk(str(tmp))
         try:

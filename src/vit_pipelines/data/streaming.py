@@ -26,6 +26,8 @@ import pyarrow as pa
 import pyarrow.ipc
 import pyarrow.parquet as pq
 
+from vit_pipelines.workers import writer_id
+
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # a webdataset sample's image: the first of these it has
 INDEX_THREADS = 16  # parts indexed at once: the index pass waits on storage, not on the CPU
 
@@ -315,7 +317,7 @@ def open_streamed(
     def index(i: int) -> np.ndarray:
         if not files[i].exists():
             folder.mkdir(parents=True, exist_ok=True)
-            tmp = files[i].with_name(f"{files[i].stem}.tmp{os.getpid()}.npy")
+            tmp = files[i].with_name(f"{files[i].stem}.tmp{writer_id()}.npy")
             np.save(tmp, parts[i].labels())
             tmp.replace(files[i])  # atomic: another rank may be writing the same index
         return np.load(files[i])

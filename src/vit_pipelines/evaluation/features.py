@@ -7,18 +7,17 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from pathlib import Path
 
 import datasets
 import numpy as np
 import torch
-from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from vit_pipelines.data.loader import content_fingerprint, eval_batches
 from vit_pipelines.models.vit import VisionTransformer
-from vit_pipelines.training.loop import process_state, rank_share, resolve_mixed_precision
+from vit_pipelines.training.loop import gather_lists, process_state, rank_share, resolve_mixed_precision
+from vit_pipelines.workers import writer_id
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +34,7 @@ def extract_features(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    bf16 = resolve_mixed_precision("auto") == "bf16"
+    bf16 = resolve_mixed_precision("auto", device) == "bf16"
     features = [np.empty((0, model.head.in_features), np.float32)]  # a rank with no rows
     labels = [np.empty(0, np.int64)]
     batches = eval_batches(share, pp, batch_size, device) if len(share) else iter(())
@@ -49,7 +48,7 @@ def extract_features(
     mine = (np.concatenate(features), np.concatenate(labels))
     if world == 1:
         return mine
-    shares = gather_object([mine])  # rank order: the rows in order
+    shares = gather_lists([mine])  # rank order: the rows in order
     return np.concatenate([f for f, _ in shares]), np.concatenate([y for _, y in shares])
 
 
@@ -73,12 +72,12 @@ def cached_features(
     """`extract_features`, stored as `folder/<name>-<key>.npz` with key = hash(weights, pp, rows) and reused."""
     key = hashlib.sha1(f"{weights_fingerprint(model)}|{pp}|{content_fingerprint(cache)}".encode()).hexdigest()
     path = Path(folder) / f"{name}-{key[:16]}.npz"
-    if all(gather_object([path.exists()])):  # every rank must take the same branch: extraction is collective
+    if all(gather_lists([path.exists()])):  # every rank must take the same branch: extraction is collective
         with np.load(path, allow_pickle=False) as stored:
             return stored["features"], stored["labels"]
     features, labels = extract_features(model, cache, pp, batch_size, desc=name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}.npz")  # per process: ranks may write the same features
+    tmp = path.with_suffix(f".tmp{writer_id()}.npz")  # ranks may write the same features
     np.savez(tmp, features=features, labels=labels)
     tmp.replace(path)
     return features, labels

@@ -23,6 +23,8 @@ import hashlib
 import json
 import logging
 import math
+import os
+import pickle
 import platform
 import shutil
 import time
@@ -35,7 +37,7 @@ import datasets
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, PartialState
-from accelerate.utils import DataLoaderConfiguration, parse_flag_from_env
+from accelerate.utils import DataLoaderConfiguration, DistributedType, gather_object, parse_flag_from_env
 from tqdm.auto import tqdm
 
 from vit_pipelines.data.cache import MANIFEST, read_manifest
@@ -161,10 +163,15 @@ class TrainResult:
     ema_model: VisionTransformer | None = None  # the EMA weights (buffers from `model`) when ema_decay is set
 
 
-def resolve_mixed_precision(requested: str) -> str:
+def resolve_mixed_precision(requested: str, device: torch.device | None = None) -> str:
+    """`requested`, or for "auto" the training device's fast precision: bf16 on XLA (TPUs' native type) and
+    on CUDA where supported (else fp16), bf16 on a CPU with AVX512-BF16 or AMX, else float32 ("no")."""
     if requested != "auto":
         return requested
-    if torch.cuda.is_available():
+    device = device or process_state().device
+    if device.type == "xla":
+        return "bf16"
+    if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     # AVX512-BF16 / AMX make bf16 matmuls several times faster than float32 on CPU.
     return "bf16" if torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX") else "no"
@@ -207,6 +214,20 @@ def _leave_process_group() -> None:
         torch.distributed.destroy_process_group()
 
 
+def gather_lists(items: list) -> list:
+    """Every rank's `items` concatenated in rank order (collective), on every rank: Accelerate's `gather_object`,
+    which XLA lacks; there the lists travel pickled through a rendezvous."""
+    state = process_state()
+    if state.num_processes == 1:
+        return list(items)
+    if state.distributed_type == DistributedType.XLA:
+        import torch_xla.core.xla_model as xm
+
+        payloads = xm.rendezvous("vit_pipelines.gather_lists", pickle.dumps(items))
+        return [item for payload in payloads for item in pickle.loads(payload)]
+    return gather_object(items)
+
+
 def rank_share(rows: int, rank: int, world: int) -> range:
     """Rank `rank`'s contiguous share of `rows` rows among `world` ranks: at most ceil(rows / world) of them."""
     return range(rank * rows // world, (rank + 1) * rows // world)
@@ -218,10 +239,41 @@ def shares_per_rank(rows: int) -> list[int]:
     return [len(rank_share(rows, r, world)) for r in range(world)]
 
 
+def seed_everywhere(seed: int, device: torch.device) -> None:
+    """Seed the host generator and, on XLA, the device's own, which `torch.manual_seed` does not reach."""
+    torch.manual_seed(seed)
+    if device.type == "xla":
+        import torch_xla.core.xla_model as xm
+
+        xm.set_rng_state(seed, device=device)
+
+
+def check_device_asked_for(device: torch.device) -> None:
+    """`PJRT_DEVICE` set (by the user or `accelerate launch --tpu`) asks for XLA: if Accelerate is not on an XLA
+    device, stop with the reason (torch_xla missing or not importable, or turned off) instead of training on the
+    host CPU."""
+    asked = os.environ.get("PJRT_DEVICE")
+    if not asked or device.type == "xla":
+        return
+    try:
+        import torch_xla  # noqa: F401
+    except Exception as err:  # an ImportError, or an OSError for a torch_xla built against another torch
+        why = f"torch_xla cannot be imported ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+        raise RuntimeError(
+            f"PJRT_DEVICE={asked} asks for an XLA device, but {why}; install the matching pair: "
+            "pip install -c constraints-tpu.txt -e '.[tpu]'"
+        ) from err
+    if not parse_flag_from_env("USE_TORCH_XLA", True) or parse_flag_from_env("ACCELERATE_USE_CPU"):
+        return  # turned off on purpose
+    raise RuntimeError(f"PJRT_DEVICE={asked} asks for an XLA device, but Accelerate chose {device}")
+
+
 def make_accelerator(mixed_precision: str = "auto") -> Accelerator:
     """An Accelerator that splits each global batch across processes. Accelerate keeps one state per
     process; a run asking for another precision than the last one resets it (the process group stays)."""
-    precision = resolve_mixed_precision(mixed_precision)
+    device = process_state().device
+    check_device_asked_for(device)
+    precision = resolve_mixed_precision(mixed_precision, device)
     keep_freed_memory()  # training's allocation pattern; harmless for the device's own allocator
     state = AcceleratorState._shared_state
     if state and state.get("_mixed_precision") not in (None, precision):
@@ -287,14 +339,14 @@ def train(
         raise ValueError("the objective must wrap the model being trained")
     if isinstance(objective, Classification):
         check_labels(train_cache, model.config.num_classes)
-    torch.manual_seed(config.seed)
+    seed_everywhere(config.seed, accelerator.device)
     optimizer = config.build_optimizer(objective, accelerator.device)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     ema = None  # starts at the initial weights; a resume overwrites it with the checkpoint's
     if config.ema_decay is not None:
         ema = {name: p.detach().float().clone() for name, p in model.named_parameters()}
 
-    run_dir, start, history, saved = None, 0, [], {}
+    run_dir, latest, start, history, saved = None, None, 0, [], {}
     if checkpoint_dir is not None:
         run_dir = Path(checkpoint_dir) / run_fingerprint(
             model, config, len(train_cache), data_identity(train_cache)
@@ -303,16 +355,25 @@ def train(
             needed = checkpoint_bytes(objective, optimizer, ema) * (config.keep_checkpoints + 1)
             check_checkpoint_folder(run_dir, needed)
         latest = latest_training_state(run_dir)
-        if latest is not None:
-            saved = load_training_state(latest, model, optimizer, ema, objective_state(objective))
-            start, history = saved["step"], saved.get("history", [])
-            log.info("resuming from %s (step %d of %d)", latest, start, config.steps)
-        elif others := sorted(p.name for p in Path(checkpoint_dir).glob("*") if p.is_dir() and p != run_dir):
+        if latest is None and (
+            others := sorted(p.name for p in Path(checkpoint_dir).glob("*") if p.is_dir() and p != run_dir)
+        ):
             why = "the model, a training setting or the data differ"
             log.info("a new run %s beside %s: %s", run_dir.name, ", ".join(others), why)
 
     prepared, optimizer = accelerator.prepare(objective, optimizer)
     model = accelerator.unwrap_model(prepared).model  # on the device; evaluators and checkpoints use it
+    log.info(
+        "training %s on %s (mixed precision: %s)",
+        description,
+        accelerator.device,
+        accelerator.mixed_precision,
+    )
+    if latest is not None:  # after `prepare`: on XLA it replaces the parameters
+        own = objective_state(accelerator.unwrap_model(prepared))
+        saved = load_training_state(latest, model, optimizer, ema, own)
+        start, history = saved["step"], saved.get("history", [])
+        log.info("resuming from %s (step %d of %d)", latest, start, config.steps)
     loader = train_loader(
         train_cache,
         config.pp_train,
@@ -359,7 +420,7 @@ def train(
         )
         for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
             group["lr"] = base * multiplier
-        torch.manual_seed(config.seed * 1_000_003 + step)  # dropout masks depend on the step only
+        seed_everywhere(config.seed * 1_000_003 + step, accelerator.device)  # dropout etc.: the step's only
         for micro_step in range(accumulation):
             t_wait = time.perf_counter()
             batch = next(batches)
@@ -449,7 +510,8 @@ def train(
         t_log += time.perf_counter() - t_pause
     bar.close()
     wall = run_seconds() if finished_at is None else finished_at
-    unwrapped = model.to("cpu").eval()
+    accelerator.unwrap_model(prepared).to("cpu")  # the model and the objective's own weights ([mask], DRLoc)
+    unwrapped = model.eval()
     ema_model = None
     if ema is not None:
         ema_model = copy.deepcopy(unwrapped)

@@ -17,7 +17,6 @@ from typing import Any
 
 import datasets
 import numpy as np
-from accelerate.utils import gather_object
 from matplotlib.figure import Figure
 from PIL import ImageOps
 
@@ -27,7 +26,7 @@ from vit_pipelines.dedup import DedupConfig, build_index, join_references, searc
 from vit_pipelines.dedup.plots import plot_pairs
 from vit_pipelines.dedup.report import band_counts, embedded_leak_recall, summarise_matches
 from vit_pipelines.dedup.search import SKIPPED_EXAMPLES
-from vit_pipelines.training.loop import process_state
+from vit_pipelines.training.loop import gather_lists, process_state
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +105,8 @@ def search_duplicates(
         for m in result.matches
     ]
     # every rank searched its share: all ranks get every share's matches, as one process would have found them
-    matches = sorted(gather_object(mine), key=lambda m: m["pretrain_index"])
-    shares = gather_object([[result.queries, dict(result.skipped), result.seconds, result.skipped_examples]])
+    matches = sorted(gather_lists(mine), key=lambda m: m["pretrain_index"])
+    shares = gather_lists([[result.queries, dict(result.skipped), result.seconds, result.skipped_examples]])
     seconds = max(share[2] for share in shares)
     skipped = dict(sum((Counter(share[1]) for share in shares), Counter()))
     examples = {
