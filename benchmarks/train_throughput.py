@@ -83,9 +83,17 @@ def make_step(
     net = Logits(model)
     forward = torch.compile(net) if compiled else net
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True)
+    return adamw_step(forward, optimizer, "cpu", precision == "bf16")
+
+
+def adamw_step(
+    forward: Callable, optimizer: torch.optim.Optimizer, device_type: str, bf16: bool
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Forward (in bf16 autocast if `bf16`), float32 cross-entropy, backward, `optimizer` step; returns the loss
+    on the device."""
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
             loss = F.cross_entropy(forward(images).float(), labels)
         loss.backward()
         optimizer.step()

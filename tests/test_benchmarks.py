@@ -10,6 +10,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import dedup_scale  # noqa: E402
+import gpu_throughput  # noqa: E402
 import step_breakdown  # noqa: E402
 import train_throughput  # noqa: E402
 from report import print_table  # noqa: E402
@@ -152,3 +153,17 @@ def test_dedup_extrapolation_grows_stage_1_along_the_measured_exponent():
     assert x["ms_per_query"] == pytest.approx(5.0 - 4.0 + stage1 + 1.5)
     assert x["hours_on_64_cores"] == pytest.approx(14e6 * (5.0 - 4.0 + stage1 + 1.5) / 1e3 / 3600 / 64)
     assert x["build_seconds_at_target"] == pytest.approx(30.0)
+
+
+def test_gpu_benchmark_runs_every_installed_model_on_the_cpu_at_toy_size():
+    """The GPU benchmark's own code path, at a toy shape on the CPU (CI has no GPU): each installed model gives a
+    rate, a TFLOP/s and a first-step time, with and without activation checkpointing; timm is optional.
+    Compiling takes minutes on CI's two cores: `torch.compile` of the training step is tested in test_training."""
+    cpu, configs = torch.device("cpu"), ["eager", "eager+ckpt"]
+    result = gpu_throughput.measure("Ti/16", configs, 2, 32, rounds=1, steps=1, device=cpu)
+    kinds = {"vit_pipelines", "transformers", "timm"} - set(result["not_installed"])
+    assert {"vit_pipelines", "transformers"} <= kinds
+    assert set(result["rows"]) == {f"{k} {c}" for k in kinds for c in configs}
+    for row in result["rows"].values():
+        assert row["images_per_second"] > 0 and row["tflops"] > 0 and row["peak_memory_gib"] is None
+    assert gpu_throughput.dense_peak(cpu) is None

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from vit_pipelines.data.cache import ShardBuild, open_shards
 from vit_pipelines.models import VisionTransformer, ViTConfig
 from vit_pipelines.training import TrainConfig, train
-from vit_pipelines.training.loop import NonFiniteLossError, data_identity
+from vit_pipelines.training.loop import NonFiniteLossError, data_identity, run_fingerprint
 from vit_pipelines.training.losses import classification_loss
 from vit_pipelines.training.optim import build_optimizer, lr_multiplier, param_groups
 from vit_pipelines.training.saving import latest_training_state, load_model, save_model
@@ -434,3 +434,31 @@ def test_killed_at_a_random_moment_and_rerun_ends_with_the_uninterrupted_weights
     for ours, reference in ((resumed.model, straight.model), (resumed.ema_model, straight.ema_model)):
         assert_same_weights(ours, reference)
     assert [r["step"] for r in resumed.history if "loss" in r] == list(range(2, 61, 2))
+
+
+def test_activation_checkpointing_keeps_the_numbers_and_keeps_far_less_for_backward():
+    cache = tiny_cache()
+    plain = train(tiny_model(dropout=0.1), cache, config(steps=4))
+    recomputed = train(tiny_model(dropout=0.1), cache, config(steps=4, activation_checkpointing=True))
+    assert_same_weights(plain.model, recomputed.model)  # dropout replayed in the recomputation
+    assert not recomputed.model.activation_checkpointing  # the training run's setting, not the model's
+
+    def saved_for_backward(checkpointing: bool) -> int:
+        model = tiny_model(depth=6).train()
+        model.activation_checkpointing = checkpointing
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.nbytes) or t, lambda t: t):
+            model(torch.randn(16, 3, 8, 8)).sum()
+        return sum(saved)
+
+    assert saved_for_backward(True) < 0.3 * saved_for_backward(False)
+    # how a run executes is not what it trains: both settings resume the same checkpoints
+    how = config(activation_checkpointing=True, compile=True)
+    assert run_fingerprint(tiny_model(), how, 48) == run_fingerprint(tiny_model(), config(), 48)
+
+
+def test_a_compiled_training_step_trains_the_eager_weights():
+    cache = tiny_cache()
+    eager = train(tiny_model(), cache, config(steps=4))
+    compiled = train(tiny_model(), cache, config(steps=4, compile=True))
+    assert_same_weights(eager.model, compiled.model, tol=1e-4)

@@ -16,24 +16,32 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from vit_pipelines.models import fused_cpu
 
 
-def encoder(blocks: nn.ModuleList, x: torch.Tensor, first_token: bool = False) -> torch.Tensor:
+def encoder(
+    blocks: nn.ModuleList, x: torch.Tensor, first_token: bool = False, recompute: bool = False
+) -> torch.Tensor:
     """`blocks` applied in turn to `x` [B, N, D]; with `first_token`, the last block's output is the first
-    token's alone, [B, 1, D]."""
+    token's alone, [B, 1, D]. With `recompute` (activation checkpointing) a block keeps only its input and
+    runs again in the backward pass: memory for compute, the same numbers (the RNG state is replayed)."""
     last = len(blocks) - 1
     for i, block in enumerate(blocks):
         if first_token and i == last:
             forward = functools.partial(first_token_block, block)
-        elif fused_cpu.applies(block, x):
+        # the fused blocks hand state on to the next one: they cannot be recomputed alone
+        elif not recompute and fused_cpu.applies(block, x):
             following = blocks[i + 1].norm1 if i < last else None
             forward = functools.partial(_fused, block, next_norm=following)
         else:
             forward = None
-        x, _ = _call(block, x, forward)
+        if recompute:
+            x, _ = torch.utils.checkpoint.checkpoint(_call, block, x, forward, use_reentrant=False)
+        else:
+            x, _ = _call(block, x, forward)
     return x
 
 
@@ -90,6 +98,8 @@ def _call(block: nn.Module, x: torch.Tensor, forward: Callable | None) -> tuple[
     """`block(x)` through `forward` instead of `block.forward` where given, its hooks running as always."""
     if forward is None:
         return block(x)
+    if torch.compiler.is_compiling():  # dynamo cannot trace a patched `forward`; a compiled step has no hooks
+        return forward(x)
     block.forward = forward
     try:
         return block(x)

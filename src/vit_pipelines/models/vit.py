@@ -131,6 +131,7 @@ class VisionTransformer(nn.Module):
         rep = config.representation_size
         self.pre_logits = nn.Sequential(nn.Linear(d, rep), nn.Tanh()) if rep else nn.Identity()
         self.head = nn.Linear(rep or d, config.num_classes)
+        self.activation_checkpointing = False  # set by training: blocks recompute activations in backward
         self.reset_parameters()
 
     @classmethod
@@ -203,7 +204,9 @@ class VisionTransformer(nn.Module):
                 x, weights = block(x, return_attention=True)
                 attention.append(weights)
         else:  # the same blocks, fast where they can be; the last computes the [class] token alone if pooled
-            x = fastpath.encoder(self.blocks, x, first_token=self.cls_token is not None and not tokens)
+            recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
+            first_token = self.cls_token is not None and not tokens
+            x = fastpath.encoder(self.blocks, x, first_token=first_token, recompute=recompute)
         if self.cls_token is not None and not tokens:
             pooled = self.norm(x[:, 0])
         else:

@@ -91,6 +91,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     num_workers: int | str = 0  # loader worker processes per rank; "auto" sizes them from the cores
+    activation_checkpointing: bool = False  # recompute each block in the backward pass: larger models/batches
+    compile: bool = False  # torch.compile the training step (CUDA: faster after the first steps' compile)
 
     def __post_init__(self) -> None:
         """Ranges, checked before any work: a bad value is one line, not a random-init model or a crash later."""
@@ -275,6 +277,8 @@ def make_accelerator(mixed_precision: str = "auto") -> Accelerator:
     check_device_asked_for(device)
     precision = resolve_mixed_precision(mixed_precision, device)
     keep_freed_memory()  # training's allocation pattern; harmless for the device's own allocator
+    if device.type == "cuda":  # float32 matmuls on tensor cores (TF32), as timm's and big_vision's GPU runs
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     state = AcceleratorState._shared_state
     if state and state.get("_mixed_precision") not in (None, precision):
         AcceleratorState._reset_state(reset_partial_state=False)
@@ -296,7 +300,13 @@ def run_fingerprint(
     model: VisionTransformer, config: TrainConfig, num_examples: int, extra: Any = None
 ) -> str:
     """Identifies "the same configuration" for resuming: model shape, training settings, data (`extra`)."""
-    keep = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("log_every", "num_workers")}
+    how = (
+        "log_every",
+        "num_workers",
+        "activation_checkpointing",
+        "compile",
+    )  # how it runs, not what it trains
+    keep = {k: v for k, v in dataclasses.asdict(config).items() if k not in how}
     # runs that do not use a later field keep the fingerprint they had before it existed
     for name, default in (("ema_decay", None), ("objective", "classification"), ("drloc", None)):
         if keep[name] == default:
@@ -363,6 +373,8 @@ def train(
 
     prepared, optimizer = accelerator.prepare(objective, optimizer)
     model = accelerator.unwrap_model(prepared).model  # on the device; evaluators and checkpoints use it
+    model.activation_checkpointing = config.activation_checkpointing
+    forward = torch.compile(prepared) if config.compile else prepared
     log.info(
         "training %s on %s (mixed precision: %s)",
         description,
@@ -427,7 +439,7 @@ def train(
             data_wait += time.perf_counter() - t_wait
             last = micro_step == accumulation - 1
             with contextlib.nullcontext() if last else accelerator.no_sync(prepared):
-                out = prepared(finish(batch["images"]), batch["labels"])
+                out = forward(finish(batch["images"]), batch["labels"])
                 accelerator.backward(out.loss / accumulation)
             loss = out.loss.detach()
             bad = ~torch.isfinite(loss) & (first_bad < 0)
@@ -511,6 +523,7 @@ def train(
     bar.close()
     wall = run_seconds() if finished_at is None else finished_at
     accelerator.unwrap_model(prepared).to("cpu")  # the model and the objective's own weights ([mask], DRLoc)
+    model.activation_checkpointing = False
     unwrapped = model.eval()
     ema_model = None
     if ema is not None:
