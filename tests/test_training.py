@@ -462,3 +462,16 @@ def test_a_compiled_training_step_trains_the_eager_weights():
     eager = train(tiny_model(), cache, config(steps=4))
     compiled = train(tiny_model(), cache, config(steps=4, compile=True))
     assert_same_weights(eager.model, compiled.model, tol=1e-4)
+
+
+def test_pjrt_device_without_an_xla_device_stops_naming_the_reason(monkeypatch):
+    """A TPU user whose torch_xla is missing (or built for another torch) gets the reason, not a CPU run."""
+    from vit_pipelines.training.loop import check_device_asked_for
+
+    monkeypatch.delenv("PJRT_DEVICE", raising=False)
+    check_device_asked_for(torch.device("cpu"))  # nothing asked: nothing to say
+    monkeypatch.setenv("PJRT_DEVICE", "TPU")
+    monkeypatch.setitem(sys.modules, "torch_xla", None)  # as where it is not installed
+    with pytest.raises(RuntimeError, match=r"PJRT_DEVICE=TPU asks for an XLA device, but torch_xla cannot be "
+                       r"imported \(ModuleNotFoundError: .*\); install the matching pair: pip install -c constraints-tpu"):  # fmt: skip
+        check_device_asked_for(torch.device("cpu"))
