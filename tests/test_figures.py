@@ -62,7 +62,7 @@ def test_finetune_figure_names_the_chosen_learning_rate_and_the_test_lines():
         "test_accuracy_ema": 0.36,
         "from_scratch": {"test_accuracy": 0.2, "test_accuracy_ema": 0.21},
     }
-    fig = plot_finetune({"digits": result})
+    fig = drawn(plot_finetune({"digits": result}))
     bars = fig.axes[1]
     assert bars.get_ylabel() == "accuracy" and "dev" in bars.get_title() and "test" in bars.get_title()
     assert legend_texts(bars) == [
@@ -78,6 +78,8 @@ def test_finetune_figure_names_the_chosen_learning_rate_and_the_test_lines():
         (0.3, False),
         (0.4, True),
     ]
+    legend = bars.get_legend().get_window_extent()
+    assert not any(legend.overlaps(p.get_window_extent()) for p in bars.patches)  # the legend sits above 1.0
 
 
 def test_vtab_figure_says_which_suite_and_keeps_its_labels_apart():

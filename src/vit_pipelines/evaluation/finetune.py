@@ -146,9 +146,13 @@ def plot_finetune(per_dataset: Mapping[str, Mapping[str, Any]]) -> Figure:
             label = f"from scratch, test {scratch[key]:.3f}"
             bars_ax.axhline(scratch[key], color="tab:red", lw=1, ls=":", label=label)
         bars_ax.set(
-            xlabel="learning rate", ylabel="accuracy", ylim=(0, 1), title=f"{name}: LR grid on dev, then test"
+            xlabel="learning rate",
+            ylabel="accuracy",
+            ylim=(0, 1.5),
+            title=f"{name}: LR grid on dev, then test",
         )
+        bars_ax.set_yticks(np.linspace(0, 1, 6))
         bars_ax.grid(alpha=0.3, axis="y")
-        bars_ax.legend(fontsize=8, loc="best")
+        bars_ax.legend(fontsize=7, loc="upper center", ncols=2, frameon=False)  # in the room above 1.0
     fig.tight_layout()
     return fig

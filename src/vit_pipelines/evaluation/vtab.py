@@ -174,7 +174,11 @@ def plot_vtab(
             mean = summary["group_mean"][group]
             ax.axhline(mean, color="black", ls="--", lw=1, label=f"group mean {mean:.3f}")
         ax.legend(fontsize=8, loc="upper center", ncols=2, frameon=False)
-        ax.set(title=f"{group} ({len(names)} tasks)", ylim=(0, 1.14), ylabel="test accuracy")
+        ax.set(
+            title=f"{group} ({len(names)} task{'' if len(names) == 1 else 's'})",
+            ylim=(0, 1.14),
+            ylabel="test accuracy",
+        )
         ax.set_yticks(np.linspace(0, 1, 6))
         ax.tick_params(axis="x", rotation=30)
         ax.grid(alpha=0.3, axis="y")
