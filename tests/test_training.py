@@ -21,7 +21,14 @@ from vit_pipelines.training import TrainConfig, train
 from vit_pipelines.training.loop import NonFiniteLossError, data_identity, run_fingerprint
 from vit_pipelines.training.losses import classification_loss
 from vit_pipelines.training.optim import build_optimizer, lr_multiplier, param_groups
-from vit_pipelines.training.saving import latest_training_state, load_model, save_model
+from vit_pipelines.training.saving import (
+    CheckpointWriter,
+    latest_training_state,
+    load_model,
+    load_training_state,
+    save_model,
+    save_training_state,
+)
 
 
 def tiny_model(seed: int = 0, **overrides) -> VisionTransformer:
@@ -475,3 +482,26 @@ def test_pjrt_device_without_an_xla_device_stops_naming_the_reason(monkeypatch):
     with pytest.raises(RuntimeError, match=r"PJRT_DEVICE=TPU asks for an XLA device, but torch_xla cannot be "
                        r"imported \(ModuleNotFoundError: .*\); install the matching pair: pip install -c constraints-tpu"):  # fmt: skip
         check_device_asked_for(torch.device("cpu"))
+
+
+def test_a_background_checkpoint_holds_the_weights_of_its_step_and_reports_its_errors(tmp_path):
+    model = tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    F.cross_entropy(model(torch.randn(4, 3, 8, 8)), torch.tensor([0, 1, 2, 0])).backward()
+    optimizer.step()
+    at_step = {k: v.clone() for k, v in model.state_dict().items()}
+    writer = CheckpointWriter()
+    folder = save_training_state(tmp_path / "run", 1, model, optimizer, {"history": []}, writer=writer)
+    with torch.no_grad():  # training goes on while the files are written
+        for p in model.parameters():
+            p.add_(1.0)
+    writer.wait()
+    restored = tiny_model(seed=5)
+    load_training_state(folder, restored, torch.optim.AdamW(restored.parameters(), lr=1e-3))
+    for name, value in restored.state_dict().items():
+        torch.testing.assert_close(value, at_step[name], rtol=0, atol=0, msg=name)
+    (tmp_path / "blocked").write_text("a file where the run's folder should be")
+    save_training_state(tmp_path / "blocked", 2, model, optimizer, {}, writer=writer)
+    with pytest.raises(OSError):
+        writer.wait()  # the write's error reaches the training thread
+    writer.wait()  # and only once

@@ -194,9 +194,10 @@ def export_hf(model: VisionTransformer, folder: str | Path) -> None:
     _write_folder(Path(folder), tensors, json.dumps(hf, indent=2))
 
 
-def write_native(model: VisionTransformer, folder: str | Path) -> None:
-    """This project's checkpoint: `folder/model.safetensors` + `folder/config.json` (the `ViTConfig`)."""
-    _write_folder(Path(folder), model.state_dict(), model.config.to_json())
+def write_native(model: VisionTransformer, folder: str | Path, tensors: Tensors | None = None) -> None:
+    """This project's checkpoint: `folder/model.safetensors` + `folder/config.json` (the `ViTConfig`); the
+    weights are `tensors` where given (a snapshot of `model`'s state dict), else the model's own."""
+    _write_folder(Path(folder), model.state_dict() if tensors is None else tensors, model.config.to_json())
 
 
 def read_native(folder: str | Path) -> tuple[ViTConfig, Tensors]:

@@ -52,6 +52,7 @@ from vit_pipelines.training.objectives import (
 )
 from vit_pipelines.training.optim import build_optimizer, lr_multiplier
 from vit_pipelines.training.saving import (
+    CheckpointWriter,
     latest_training_state,
     load_training_state,
     save_training_state,
@@ -417,6 +418,7 @@ def train(
     sums = torch.zeros(3 + len(terms), device=accelerator.device)  # since the last log: loss, correct, count,
     # terms, each summed over what the objective counts (images or corrupted patches)
     first_bad = torch.full((), -1, dtype=torch.long, device=accelerator.device)  # first non-finite loss step
+    writer = CheckpointWriter()  # checkpoints are written while the next steps run
     t_start = t_log = time.perf_counter()
 
     def run_seconds() -> float:  # every session of the run, this one up to now
@@ -518,9 +520,11 @@ def train(
                     config.keep_checkpoints,
                     ema=ema,
                     objective=objective_state(objective),
+                    writer=writer,
                 )
         t_log += time.perf_counter() - t_pause
     bar.close()
+    writer.wait()  # the last checkpoint is on disk before the run reports
     wall = run_seconds() if finished_at is None else finished_at
     accelerator.unwrap_model(prepared).to("cpu")  # the model and the objective's own weights ([mask], DRLoc)
     model.activation_checkpointing = False
