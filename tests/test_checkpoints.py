@@ -3,6 +3,7 @@ the source's logits, head replacement and HF export. Source weights are built he
 names and shapes: nothing is downloaded."""
 
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -418,3 +419,28 @@ def test_unknown_formats_and_misfits_are_clear_errors(tmp_path):
         load_pretrained(params)
     with pytest.raises(FileNotFoundError):
         load_pretrained(tmp_path)
+
+
+def test_an_earlier_releases_unversioned_results_become_versions_that_load(tmp_path):
+    """Outputs saved before `versioned: true` (a file at the dataset's path, a model folder with its weights at
+    the top) are moved into a version, which versioned loading then reads; checkpoints beside them stay."""
+    from kedro.io import Version
+    from kedro_datasets.json import JSONDataset
+
+    from vit_pipelines.kedro_io import ViTModelDataset, version_earlier_result
+
+    metrics_path = tmp_path / "pretrain_metrics.json"
+    metrics_path.write_text('{"minival_accuracy": 0.38}')
+    metrics = JSONDataset(filepath=str(metrics_path), version=Version(None, None))
+    moved = version_earlier_result(metrics)
+    assert moved.parent == metrics_path and metrics.load() == {"minival_accuracy": 0.38}
+    model = randomized(small())
+    save_model(model, tmp_path / "pretrain")
+    (tmp_path / "pretrain" / "checkpoints").mkdir()
+    dataset = ViTModelDataset(str(tmp_path / "pretrain"), version=Version(None, None))
+    version = version_earlier_result(dataset)
+    assert {p.name for p in (tmp_path / "pretrain").iterdir()} == {"checkpoints", version.name}
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d\.\d\d\.\d\d\.\d{3}Z", version.name)  # Kedro's version format
+    for name, value in dataset.load().state_dict().items():
+        torch.testing.assert_close(value, model.state_dict()[name], rtol=0, atol=0, msg=name)
+    assert version_earlier_result(dataset) is None and version_earlier_result(metrics) is None  # once only

@@ -114,6 +114,11 @@ def check_group_settings(group: str, params: dict[str, Any]) -> None:
         check_fewshot_params(values, where)
 
 
+def data_root(context: Any) -> str:
+    """The run's data folder, relative to the project (`data_root` in the environment's globals.yml)."""
+    return context.config_loader["globals"].get("data_root", "data")
+
+
 class UseRunGlobals:
     """Pipelines are built from the globals the session's config loader resolved (`base` + the run's
     environment), so what `kedro run --env X` reads is what the pipeline code reads."""
@@ -161,8 +166,7 @@ class OneRunPerDataFolder:
 
     @hook_impl
     def after_context_created(self, context: Any) -> None:
-        root = context.config_loader["globals"].get("data_root", "data")
-        self.folder = Path(context.project_path) / root
+        self.folder = Path(context.project_path) / data_root(context)
 
     @hook_impl
     def before_pipeline_run(self) -> None:
@@ -195,29 +199,29 @@ class SummariseTheRun:
     @hook_impl
     def after_context_created(self, context: Any) -> None:
         self.project = Path(context.project_path)
-        self.data_root = context.config_loader["globals"].get("data_root", "data")
+        self.data_root = data_root(context)
 
     @hook_impl
     def after_pipeline_run(self, run_params: dict[str, Any], pipeline: Pipeline, catalog: Any) -> None:
         if self.project is None or not process_state().is_main_process:
             return
+        outputs = pipeline.all_outputs()
+        saved = {
+            name: catalog.get(name) for name in set(HEADLINES) | outputs if name in catalog
+        }  # not in memory
         newest = {}  # every pipeline's report: name → (report, path, version)
         for name in HEADLINES:
-            dataset = catalog.get(name) if name in catalog else None
-            if dataset is not None and dataset.exists():
-                path, version = self._newest(dataset)
+            if name in saved and saved[name].exists():
+                path, version = self._newest(saved[name])
                 newest[name] = (catalog.load(name), path, version)
         files = {}
-        for name in sorted(pipeline.all_outputs()):
-            dataset = catalog.get(name) if name in catalog else None
-            layer = ((getattr(dataset, "metadata", None) or {}).get("kedro-viz") or {}).get("layer")
-            if layer in ("models", "reporting") and dataset.exists():
-                files[name] = self._newest(dataset)[0]
+        for name in sorted(outputs & set(saved)):
+            layer = ((getattr(saved[name], "metadata", None) or {}).get("kedro-viz") or {}).get("layer")
+            if layer in ("models", "reporting") and saved[name].exists():
+                files[name] = self._newest(saved[name])[0]
         root = self.project / self.data_root
         size = folder_bytes(root)
-        reports = {
-            name: newest[name][0] for name in HEADLINES if name in newest and name in pipeline.all_outputs()
-        }
+        reports = {name: newest[name][0] for name in HEADLINES if name in newest and name in outputs}
         names = ",".join(run_params.get("pipeline_names") or ["__default__"])
         log.info("%s", end_of_run(run_command(names), reports, files, self.data_root, size, run_command))
         summary = root / "08_reporting" / "summary.md"

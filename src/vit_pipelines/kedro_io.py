@@ -19,7 +19,7 @@ from kedro.io import (
     MemoryDataset,
     Version,
 )
-from kedro.io.core import VersionNotFoundError
+from kedro.io.core import VERSION_FORMAT, VersionNotFoundError
 
 from vit_pipelines.data.cache import MANIFEST, ShardBuild, open_shards
 from vit_pipelines.data.sources import load_image_dataset
@@ -140,8 +140,8 @@ def version_earlier_result(dataset: AbstractDataset) -> Path | None:
     if not (path.is_file() or model):
         return None
     moved = [path / name for name in (LABELS, CONFIG, WEIGHTS) if (path / name).exists()] if model else [path]
-    stamp = datetime.fromtimestamp(moved[-1].stat().st_mtime, timezone.utc)
-    version = stamp.strftime("%Y-%m-%dT%H.%M.%S.") + f"{stamp.microsecond // 1000:03d}Z"  # Kedro's format
+    stamp = datetime.fromtimestamp(moved[-1].stat().st_mtime, timezone.utc).strftime(VERSION_FORMAT)
+    version = stamp[:-4] + stamp[-1:]  # milliseconds, as Kedro's generate_timestamp writes them
     if model:
         (path / version).mkdir()
         for file in moved:

@@ -166,12 +166,11 @@ class TrainResult:
     ema_model: VisionTransformer | None = None  # the EMA weights (buffers from `model`) when ema_decay is set
 
 
-def resolve_mixed_precision(requested: str, device: torch.device | None = None) -> str:
+def resolve_mixed_precision(requested: str, device: torch.device) -> str:
     """`requested`, or for "auto" the training device's fast precision: bf16 on XLA (TPUs' native type) and
     on CUDA where supported (else fp16), bf16 on a CPU with AVX512-BF16 or AMX, else float32 ("no")."""
     if requested != "auto":
         return requested
-    device = device or process_state().device
     if device.type == "xla":
         return "bf16"
     if device.type == "cuda":
@@ -301,12 +300,8 @@ def run_fingerprint(
     model: VisionTransformer, config: TrainConfig, num_examples: int, extra: Any = None
 ) -> str:
     """Identifies "the same configuration" for resuming: model shape, training settings, data (`extra`)."""
-    how = (
-        "log_every",
-        "num_workers",
-        "activation_checkpointing",
-        "compile",
-    )  # how it runs, not what it trains
+    # how a run executes, not what it trains
+    how = ("log_every", "num_workers", "activation_checkpointing", "compile")
     keep = {k: v for k, v in dataclasses.asdict(config).items() if k not in how}
     # runs that do not use a later field keep the fingerprint they had before it existed
     for name, default in (("ema_decay", None), ("objective", "classification"), ("drloc", None)):

@@ -31,8 +31,8 @@ from vit_pipelines.training.loop import gather_lists, process_state
 log = logging.getLogger(__name__)
 
 
-SEARCH_SETTINGS = ("threshold", "colour_threshold", "candidate_threshold", "max_candidates", "stage1", "nprobe",
-                   "copy_model")  # fmt: skip  # what the matches depend on, beside the images
+# how the search runs; the other DedupConfig fields decide the matches, beside the images
+HOW_IT_SEARCHES = ("batch_size", "num_proc")
 
 
 def find_duplicates(
@@ -41,13 +41,14 @@ def find_duplicates(
     """`search_duplicates`, or, when `params["reuse_dir"]` holds a search of the same images (by their
     datasets' fingerprints) with the same settings by this package version, its result: a re-run whose inputs
     did not change skips the search."""
+    settings = asdict(DedupConfig.from_params(params))
     key = hashlib.sha1(
         json.dumps(
             [
                 importlib.metadata.version("vit-pipelines"),
                 fingerprint(pretrain),
                 {name: fingerprint(test) for name, test in sorted(test_sets.items())},
-                {k: params.get(k) for k in SEARCH_SETTINGS},
+                {k: v for k, v in settings.items() if k not in HOW_IT_SEARCHES},
             ]
         ).encode()
     ).hexdigest()[:16]
