@@ -5,16 +5,19 @@ same batch), eager and `torch.compile`d, with and without activation checkpointi
 Per model and configuration: images/s (median of alternating rounds, so machine noise hits every model alike),
 achieved TFLOP/s of the model's own training FLOPs (`torch.utils.flop_counter`: ours computes the last block for
 the [class] token alone, so it counts fewer), MFU against the GPU's bf16 dense peak (its data-sheet figure where
-the card is known, else the matmul peak measured here) and peak memory. With `--ddp`, under
-`accelerate launch --multi_gpu --num_processes N`, the data-parallel step of this project's model instead: global
-images/s and images/s per GPU, to set against the N=1 figure for the scaling efficiency.
+the card is known, else the matmul peak measured here) and peak memory. With `--sharding ddp fsdp`, under
+`accelerate launch --multi_gpu --num_processes N`, the data-parallel step of this project's model instead,
+replicated and sharded (`train.sharding`): global images/s and images/s per GPU, to set against the N=1 figure
+for the scaling efficiency, and the training state and peak memory each GPU holds.
 
     python benchmarks/gpu_throughput.py                                  # B/16 and L/16, every configuration
     python benchmarks/gpu_throughput.py --models B/16 --configs eager compiled
-    accelerate launch --multi_gpu --num_processes 8 benchmarks/gpu_throughput.py --ddp --models B/16
+    accelerate launch --multi_gpu --num_processes 8 benchmarks/gpu_throughput.py --sharding ddp fsdp
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 benchmarks/gpu_throughput.py \
+        --sharding ddp fsdp --models B/16 --batch 2 --steps 2       # two CPU processes (gloo)
     python benchmarks/gpu_throughput.py --device cpu --models Ti/16 --image-size 32 --batch 4   # a smoke run
 
-Prints a table and writes `benchmarks/results/gpu_throughput.json` (`--ddp`: `gpu_scaling.json`).
+Prints a table and writes `benchmarks/results/gpu_throughput.json` (`--sharding`: `gpu_scaling.json`).
 """
 
 from __future__ import annotations
@@ -172,40 +175,72 @@ def measure(
     }
 
 
-def measure_ddp(variant: str, batch: int, image_size: int, steps: int) -> dict[str, Any] | None:
-    """This project's model under DDP (Accelerate), `batch` per GPU: global and per-GPU images/s (main rank)."""
-    from accelerate import Accelerator
+def measure_data_parallel(
+    variant: str, batch: int, image_size: int, steps: int, sharding: str
+) -> dict[str, Any] | None:
+    """This project's model and loop settings under `accelerate launch`, `batch` per process, replicated (ddp)
+    or sharded (fsdp, `train.sharding`): global and per-process images/s, and per process the bytes of training
+    state it holds (weights, gradients, Adam moments) and its peak memory. Returns on the main process only."""
+    import resource
 
-    accelerator = Accelerator(mixed_precision="bf16")
+    from accelerate.utils import gather_object
+
+    from vit_pipelines.training.loop import make_accelerator
+    from vit_pipelines.training.objectives import Classification
+    from vit_pipelines.training.sharding import local, shard
+
+    accelerator = make_accelerator("bf16")
+    device = accelerator.device
     config = ViTConfig.from_variant(variant, image_size=image_size, num_classes=NUM_CLASSES)
-    model = VisionTransformer(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=accelerator.device.type == "cuda")
-    model, optimizer = accelerator.prepare(model, optimizer)
-    images = torch.randn(batch, 3, image_size, image_size, device=accelerator.device)
-    labels = torch.randint(0, NUM_CLASSES, (batch,), device=accelerator.device)
+    objective = Classification(VisionTransformer.from_seed(config, 0))
+    if sharding == "fsdp":
+        shard(objective, device)
+    optimizer = torch.optim.AdamW(objective.parameters(), lr=1e-4, fused=True)
+    if sharding == "fsdp":
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        objective, optimizer = accelerator.prepare(objective, optimizer)
+    images = torch.randn(batch, 3, image_size, image_size, device=device)
+    labels = torch.randint(0, NUM_CLASSES, (batch,), device=device)
 
     def step() -> torch.Tensor:
-        loss = F.cross_entropy(model(images).float(), labels)
+        with accelerator.autocast():
+            loss = objective(images, labels).loss
         accelerator.backward(loss)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=False)  # gradients stay allocated: counted in the state below
         return loss.detach()
 
     for _ in range(3):
         step().item()
     accelerator.wait_for_everyone()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     for _ in range(steps):
         loss = step()
     loss.item()
     accelerator.wait_for_everyone()
     seconds = time.perf_counter() - start
+    params = [local(p) for p in objective.parameters()]
+    tensors = [*params, *(local(p.grad) for p in objective.parameters()), *(
+        local(t) for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim()
+    )]  # fmt: skip
+    state_gib = sum(t.numel() * t.element_size() for t in tensors) / 2**30
+    if device.type == "cuda":
+        peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
+    else:  # the process's resident peak (kilobytes on Linux)
+        peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    per_rank = gather_object([(state_gib, peak_gib)])
     world = accelerator.num_processes
     if not accelerator.is_main_process:
         return None
     total = world * batch * steps / seconds
-    return {"variant": variant, "gpus": world, "batch_per_gpu": batch, "images_per_second": total,
-            "images_per_second_per_gpu": total / world}  # fmt: skip
+    return {"variant": variant, "sharding": sharding, "processes": world, "batch_per_process": batch,
+            "images_per_second": total, "images_per_second_per_process": total / world,
+            "state_gib_per_process": max(s for s, _ in per_rank),
+            "peak_gib_per_process": max(p for _, p in per_rank),
+            "peak_source": "cuda max_memory_allocated" if device.type == "cuda" else "RSS"}  # fmt: skip
 
 
 def main() -> None:
@@ -217,19 +252,27 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--ddp", action="store_true", help="under accelerate launch: data-parallel scaling")
+    parser.add_argument(
+        "--sharding",
+        nargs="+",
+        choices=("ddp", "fsdp"),
+        help="under accelerate launch: data-parallel scaling",
+    )
     parser.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/gpu_*.json)")
     args = parser.parse_args()
-    if args.ddp:
+    if args.sharding:
         results = [
-            measure_ddp(v, args.batch or BATCH.get(v, 32), args.image_size, args.steps) for v in args.models
+            measure_data_parallel(v, args.batch or BATCH.get(v, 32), args.image_size, args.steps, sharding)
+            for v in args.models
+            for sharding in args.sharding
         ]
         if results[0] is not None:
-            rows = [[r["variant"], r["gpus"], r["batch_per_gpu"], r["images_per_second"],
-                     r["images_per_second_per_gpu"]] for r in results]  # fmt: skip
-            print_table(
-                "DDP training step (bf16)", ["model", "GPUs", "batch/GPU", "img/s", "img/s per GPU"], rows
-            )
+            rows = [[r["variant"], r["sharding"], r["processes"], r["batch_per_process"], r["images_per_second"],
+                     r["images_per_second_per_process"], r["state_gib_per_process"],
+                     r["peak_gib_per_process"]] for r in results]  # fmt: skip
+            header = ["model", "sharding", "processes", "batch each", "img/s", "img/s each", "state GiB each",
+                      f"peak GiB each ({results[0]['peak_source']})"]  # fmt: skip
+            print_table("data-parallel training step (bf16)", header, rows)
             write_json(args.out or RESULTS / "gpu_scaling.json", {"machine": machine(), "results": results})
         return
     device = torch.device(args.device)

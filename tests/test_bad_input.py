@@ -32,7 +32,7 @@ from vit_pipelines.training.saving import load_model, save_model
 @pytest.mark.parametrize("variant", ["X/16", "B16", "B/x"])
 def test_unknown_variant_names_list_the_known_sizes(variant):
     with pytest.raises(
-        ValueError, match=r"variant must look like 'B/16' with size in \['B', 'H', 'L', 'S', 'Ti'\]"
+        ValueError, match=r"variant must look like 'B/16' with size in \['B', 'G', 'H', 'L', 'S', 'Ti', 'g'\]"
     ):
         ViTConfig.from_variant(variant)
 

@@ -1,6 +1,9 @@
 """The benchmarks' own arithmetic: the FLOPs behind the reported TFLOP/s and MFU, the timed rounds, and the printed
 tables."""
 
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -9,6 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import activation_memory  # noqa: E402
 import dedup_scale  # noqa: E402
 import gpu_throughput  # noqa: E402
 import step_breakdown  # noqa: E402
@@ -167,3 +171,40 @@ def test_gpu_benchmark_runs_every_installed_model_on_the_cpu_at_toy_size():
     for row in result["rows"].values():
         assert row["images_per_second"] > 0 and row["tflops"] > 0 and row["peak_memory_gib"] is None
     assert gpu_throughput.dense_peak(cpu) is None
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_scaling_section_runs_on_two_cpu_processes_and_fsdp_halves_the_state(tmp_path):
+    """`--sharding ddp fsdp` under `accelerate launch` at a toy shape on two gloo ranks: both rows, and each
+    sharded process holds half the weights, gradients and Adam moments of a replicated one."""
+    out = tmp_path / "scaling.json"
+    script = Path(gpu_throughput.__file__)
+    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    args = [
+        "--sharding",
+        "ddp",
+        "fsdp",
+        "--models",
+        "Ti/16",
+        "--image-size",
+        "32",
+        "--batch",
+        "2",
+        "--steps",
+        "1",
+    ]
+    subprocess.run(
+        [*launch, str(script), *args, "--out", str(out)], check=True, capture_output=True,
+        env={**os.environ, "ACCELERATE_USE_CPU": "1"},
+    )  # fmt: skip
+    ddp, fsdp = json.loads(out.read_text())["results"]
+    assert (ddp["sharding"], fsdp["sharding"]) == ("ddp", "fsdp") and ddp["processes"] == 2
+    assert ddp["images_per_second"] > 0 and fsdp["images_per_second"] > 0
+    assert fsdp["state_gib_per_process"] == pytest.approx(ddp["state_gib_per_process"] / 2, rel=0.02)
+
+
+def test_activation_memory_benchmark_recomputes_the_same_gradients_keeping_less():
+    off, on = (activation_memory.one_step("Ti/16", 2, 32, checkpointing) for checkpointing in (False, True))
+    assert on["grad_norm"] == pytest.approx(off["grad_norm"], rel=1e-6) and on["loss"] == off["loss"]
+    assert on["saved_for_backward_gib"] < 0.3 * off["saved_for_backward_gib"]

@@ -1,11 +1,14 @@
 """Data parallelism through `accelerate launch`: two gloo ranks on CPU against one process, end to end: both
 ranks search their share of the de-dup queries and write their share of the image cache; training gives the
-weights of one process."""
+weights of one process, replicated (DDP) or sharded (FSDP), and sharded checkpoints resume on any number of
+ranks."""
 
 import json
 import os
 import re
+import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -122,3 +125,75 @@ def test_a_rank_that_dies_in_a_shared_stage_ends_the_others_naming_it(tmp_path):
     assert "rank 1 lost its disk" in result.stderr and re.search(r"rank\s*:\s*1", result.stderr), (
         result.stderr[-3000:]
     )
+
+
+TRAINING = Path(__file__).with_name("distributed_training.py")
+
+
+def train_tiny(
+    folder: Path, sharding: str, checkpoints: Path, stop_after: int = 0, *flags: str, ranks: int = 2
+):
+    """`distributed_training.py` on `ranks` gloo ranks (or one plain process): its weights (the EMA's as
+    `ema.*`) and its last evaluation. The fused CPU kernels stay off, so that sharded and unsharded
+    evaluation run the same bf16 operations."""
+    out = folder / f"{sharding}-{len(list(folder.glob('*.safetensors')))}.safetensors"
+    args = [str(TRAINING), str(out), sharding, str(checkpoints), str(stop_after), *flags]
+    command = [*[a for a in LAUNCH_TWO_RANKS if a != "-m"], *args] if ranks == 2 else [sys.executable, *args]
+    run_in(folder, *command, env={"ACCELERATE_USE_CPU": "1", "VIT_FUSED_CPU": "0"})
+    return load_file(out), json.loads(out.with_suffix(".json").read_text())
+
+
+def assert_same_tensors(a: dict, b: dict, tol: float) -> None:
+    assert a.keys() == b.keys()
+    for name, value in a.items():
+        torch.testing.assert_close(b[name], value, atol=tol, rtol=tol, msg=name)
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    """An uninterrupted sharded run on two ranks, and its checkpoint folder."""
+    folder = tmp_path_factory.mktemp("fsdp")
+    weights, evaluation = train_tiny(folder, "fsdp", folder / "checkpoints")
+    return weights, evaluation, folder / "checkpoints"
+
+
+def test_ddp_and_fsdp_on_two_ranks_train_and_evaluate_as_one_process(tmp_path, fsdp_run):
+    one = train_tiny(tmp_path, "none", tmp_path / "one", ranks=1)
+    ddp = train_tiny(tmp_path, "ddp", tmp_path / "ddp")
+    fsdp, fsdp_checkpoints = fsdp_run[:2], fsdp_run[2]
+    for weights, evaluation in (ddp, fsdp):  # weights, EMA, minival accuracy and features
+        assert_same_tensors(one[0], weights, 1e-5)
+        assert evaluation["minival_accuracy"] == one[1]["minival_accuracy"]
+        assert evaluation["features_rows"] == 33  # shares of 16 and 17 rows: 2 and 3 batches of 8
+        assert evaluation["features_sum"] == pytest.approx(one[1]["features_sum"], rel=1e-5)
+    # Every rank wrote its shards of each checkpoint; nothing holds the whole model.
+    step = next(fsdp_checkpoints.glob("*/step_0000006"))
+    assert sorted(p.name for p in (step / "sharded").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert not list(step.rglob("*.safetensors"))
+
+
+def test_a_sharded_checkpoint_resumes_on_two_ranks_and_on_one_and_consolidates(tmp_path, fsdp_run):
+    uninterrupted = fsdp_run[0]
+    killed = tmp_path / "killed"
+    train_tiny(tmp_path, "fsdp", killed, 3)  # checkpoints at step 2; "killed" after step 3
+    shutil.copytree(killed, tmp_path / "copy")
+    # Two ranks, with activation checkpointing now (how a run executes, not what it trains): the same weights.
+    resumed, _ = train_tiny(tmp_path, "fsdp", killed, 0, "--recompute")
+    assert_same_tensors(uninterrupted, resumed, 0.0)
+    # One process, unsharded, from the shards two ranks wrote.
+    alone, _ = train_tiny(tmp_path, "none", tmp_path / "copy", ranks=1)
+    assert_same_tensors(uninterrupted, alone, 1e-5)
+    # The last checkpoint as a plain model folder.
+    step = next(killed.glob("*/step_0000006"))
+    subprocess.run(
+        [sys.executable, "-m", "vit_pipelines.training.sharding", str(step), str(tmp_path / "model")],
+        check=True,
+    )
+    consolidated = load_file(tmp_path / "model" / "model.safetensors")
+    assert_same_tensors({k: v for k, v in resumed.items() if not k.startswith("ema.")}, consolidated, 0.0)
+
+
+def test_an_unsharded_checkpoint_resumes_sharded(tmp_path, fsdp_run):
+    train_tiny(tmp_path, "ddp", tmp_path / "run", 3)  # full weights, optimiser and EMA at step 2
+    resumed, _ = train_tiny(tmp_path, "fsdp", tmp_path / "run")
+    assert_same_tensors(fsdp_run[0], resumed, 0.0)

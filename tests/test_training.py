@@ -20,6 +20,7 @@ from vit_pipelines.models import VisionTransformer, ViTConfig
 from vit_pipelines.training import TrainConfig, train
 from vit_pipelines.training.loop import NonFiniteLossError, data_identity, run_fingerprint
 from vit_pipelines.training.losses import classification_loss
+from vit_pipelines.training.objectives import Classification
 from vit_pipelines.training.optim import build_optimizer, lr_multiplier, param_groups
 from vit_pipelines.training.saving import (
     CheckpointWriter,
@@ -497,7 +498,8 @@ def test_a_background_checkpoint_holds_the_weights_of_its_step_and_reports_its_e
             p.add_(1.0)
     writer.wait()
     restored = tiny_model(seed=5)
-    load_training_state(folder, restored, torch.optim.AdamW(restored.parameters(), lr=1e-3))
+    objective = Classification(restored)
+    load_training_state(folder, objective, torch.optim.AdamW(objective.parameters(), lr=1e-3))
     for name, value in restored.state_dict().items():
         torch.testing.assert_close(value, at_step[name], rtol=0, atol=0, msg=name)
     (tmp_path / "blocked").write_text("a file where the run's folder should be")

@@ -10,8 +10,9 @@ from accelerate import Accelerator
 from torch import nn
 
 from vit_pipelines.data.loader import eval_loader
-from vit_pipelines.training.loop import rank_share
+from vit_pipelines.training.loop import rank_share, shares_per_rank
 from vit_pipelines.training.objectives import Classification, MaskedPatchPrediction
+from vit_pipelines.training.sharding import idle_forwards, is_sharded, placeholder_images
 
 
 def evaluate_accuracy(
@@ -38,9 +39,12 @@ def objective_accuracy(
     """Correct predictions over everything `objective` predicts on `cache`: labels for classification,
     the corrupted patches' colours for masked patch prediction (its draws seeded by `seed`, the global RNG
     left as it was)."""
-    device = next(objective.parameters()).device
+    device, idle = next(objective.parameters()).device, 0
     if accelerator is not None:  # each rank its contiguous share of the rows: no padding, no row twice
-        cache = cache.select(rank_share(len(cache), accelerator.process_index, accelerator.num_processes))
+        rank = accelerator.process_index
+        if is_sharded(objective.model):  # its ranks gather weights together: as many forward passes each
+            idle = idle_forwards(shares_per_rank(len(cache)), batch_size, rank)
+        cache = cache.select(rank_share(len(cache), rank, accelerator.num_processes))
         device = accelerator.device
     loader = eval_loader(cache, pp, batch_size) if len(cache) else None  # a rank may have no rows
     was_training = objective.training
@@ -60,6 +64,12 @@ def objective_accuracy(
                 out = objective(images, labels)
             correct += out.correct.long().sum()
             seen += out.count.sum()
+        for _ in range(idle):  # counted nowhere
+            with accelerator.autocast():
+                objective(
+                    placeholder_images(objective.model, device),
+                    torch.zeros(1, dtype=torch.long, device=device),
+                )
     objective.train(was_training)
     if accelerator is not None:
         correct, seen = accelerator.reduce(torch.stack([correct, seen]), reduction="sum")

@@ -16,7 +16,14 @@ from tqdm.auto import tqdm
 
 from vit_pipelines.data.loader import content_fingerprint, eval_batches
 from vit_pipelines.models.vit import VisionTransformer
-from vit_pipelines.training.loop import gather_lists, process_state, rank_share, resolve_mixed_precision
+from vit_pipelines.training.loop import (
+    gather_lists,
+    process_state,
+    rank_share,
+    resolve_mixed_precision,
+    shares_per_rank,
+)
+from vit_pipelines.training.sharding import idle_forwards, is_sharded, placeholder_images
 from vit_pipelines.workers import writer_id
 
 log = logging.getLogger(__name__)
@@ -44,6 +51,12 @@ def extract_features(
             out = model.forward_features(batch["images"], tokens=False)["pre_logits"]
         features.append(out.float().cpu().numpy())
         labels.append(batch["labels"].cpu().numpy().astype(np.int64))
+    if is_sharded(
+        model
+    ):  # every rank runs as many forward passes as the others: they gather weights together
+        for _ in range(idle_forwards(shares_per_rank(len(cache)), batch_size, rank)):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                model.forward_features(placeholder_images(model, device), tokens=False)
     model.train(was_training)
     mine = (np.concatenate(features), np.concatenate(labels))
     if world == 1:

@@ -9,13 +9,16 @@ from typing import Any
 
 from vit_pipelines.fields import check_known_fields
 
-# Table 1 of the paper: (layers, hidden size D, MLP size, heads).
+# Table 1 of the paper: (layers, hidden size D, MLP size, heads); g and G from "Scaling Vision Transformers"
+# (Zhai et al. 2022, Table 2), the sizes `train.sharding: fsdp` is for.
 VARIANTS: dict[str, tuple[int, int, int, int]] = {
     "Ti": (12, 192, 768, 3),
     "S": (12, 384, 1536, 6),
     "B": (12, 768, 3072, 12),
     "L": (24, 1024, 4096, 16),
     "H": (32, 1280, 5120, 16),
+    "g": (40, 1408, 6144, 16),
+    "G": (48, 1664, 8192, 16),
 }
 POOLS = ("tok", "gap")
 POSEMBS = ("learn", "sincos2d", "learn2d", "none")

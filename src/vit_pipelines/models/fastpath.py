@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from vit_pipelines.models import fused_cpu
 
@@ -32,8 +33,9 @@ def encoder(
     for i, block in enumerate(blocks):
         if first_token and i == last:
             forward = functools.partial(first_token_block, block)
-        # the fused blocks hand state on to the next one: they cannot be recomputed alone
-        elif not recompute and fused_cpu.applies(block, x):
+        # the fused blocks hand state on to the next one: they cannot be recomputed alone, nor run sharded
+        # (a sharded block's weights are whole only inside its own call)
+        elif not recompute and not isinstance(block, FSDPModule) and fused_cpu.applies(block, x):
             following = blocks[i + 1].norm1 if i < last else None
             forward = functools.partial(_fused, block, next_norm=following)
         else:

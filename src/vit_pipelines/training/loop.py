@@ -54,9 +54,21 @@ from vit_pipelines.training.optim import build_optimizer, lr_multiplier
 from vit_pipelines.training.saving import (
     CheckpointWriter,
     latest_training_state,
+    load_sharded_training_state,
     load_training_state,
+    save_sharded_training_state,
     save_training_state,
     writable_folder,
+)
+from vit_pipelines.training.sharding import (
+    SHARDINGS,
+    check_sharding,
+    consolidated_model,
+    full,
+    gradient_sync_off,
+    has_shards,
+    local,
+    shard,
 )
 
 log = logging.getLogger(__name__)
@@ -94,6 +106,9 @@ class TrainConfig:
     num_workers: int | str = 0  # loader worker processes per rank; "auto" sizes them from the cores
     activation_checkpointing: bool = False  # recompute each block in the backward pass: larger models/batches
     compile: bool = False  # torch.compile the training step (CUDA: faster after the first steps' compile)
+    sharding: str = (
+        "ddp"  # ddp: a full copy per rank; fsdp: weights, gradients, moments and EMA split over ranks
+    )
 
     def __post_init__(self) -> None:
         """Ranges, checked before any work: a bad value is one line, not a random-init model or a crash later."""
@@ -122,6 +137,7 @@ class TrainConfig:
             ),
             "checkpoint_every": (lambda v: isinstance(v, int) and v >= 0, "a whole number >= 0 (0: none)"),
             "keep_checkpoints": (lambda v: isinstance(v, int) and v >= 1, "a whole number >= 1"),
+            "sharding": (lambda v: v in SHARDINGS, " or ".join(SHARDINGS)),
         }
         for name, (check, wanted) in rules.items():
             value = getattr(self, name)
@@ -301,7 +317,7 @@ def run_fingerprint(
 ) -> str:
     """Identifies "the same configuration" for resuming: model shape, training settings, data (`extra`)."""
     # how a run executes, not what it trains
-    how = ("log_every", "num_workers", "activation_checkpointing", "compile")
+    how = ("log_every", "num_workers", "activation_checkpointing", "compile", "sharding")
     keep = {k: v for k, v in dataclasses.asdict(config).items() if k not in how}
     # runs that do not use a later field keep the fingerprint they had before it existed
     for name, default in (("ema_decay", None), ("objective", "classification"), ("drloc", None)):
@@ -333,6 +349,8 @@ def train(
     """
     accelerator = accelerator or make_accelerator(config.mixed_precision)
     world = accelerator.num_processes
+    check_sharding(config.sharding, world, accelerator.device, accelerator.mixed_precision)
+    sharded = config.sharding == "fsdp" and world > 1  # one process has nothing to split
     micro = config.micro_batch_size or config.batch_size // world
     if micro < 1 or config.batch_size % (micro * world):
         raise ValueError(
@@ -346,6 +364,8 @@ def train(
     if isinstance(objective, Classification):
         check_labels(train_cache, model.config.num_classes)
     seed_everywhere(config.seed, accelerator.device)
+    if sharded:  # before the optimiser is built: it keeps the sharded parameters
+        shard(objective, accelerator.device)
     optimizer = config.build_optimizer(objective, accelerator.device)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     ema = None  # starts at the initial weights; a resume overwrites it with the checkpoint's
@@ -367,10 +387,14 @@ def train(
             why = "the model, a training setting or the data differ"
             log.info("a new run %s beside %s: %s", run_dir.name, ", ".join(others), why)
 
-    prepared, optimizer = accelerator.prepare(objective, optimizer)
+    if sharded:  # Accelerate would wrap the sharded model in DDP; autocast is added below instead
+        prepared, optimizer = objective, accelerator.prepare(optimizer)
+    else:
+        prepared, optimizer = accelerator.prepare(objective, optimizer)
     model = accelerator.unwrap_model(prepared).model  # on the device; evaluators and checkpoints use it
     model.activation_checkpointing = config.activation_checkpointing
     forward = torch.compile(prepared) if config.compile else prepared
+    autocast = accelerator.autocast if sharded else contextlib.nullcontext  # `prepare` adds it to the rest
     log.info(
         "training %s on %s (mixed precision: %s)",
         description,
@@ -378,8 +402,9 @@ def train(
         accelerator.mixed_precision,
     )
     if latest is not None:  # after `prepare`: on XLA it replaces the parameters
-        own = objective_state(accelerator.unwrap_model(prepared))
-        saved = load_training_state(latest, model, optimizer, ema, own)
+        whole = accelerator.unwrap_model(prepared)
+        load = load_sharded_training_state if has_shards(latest) else load_training_state
+        saved = load(latest, whole, optimizer, ema)  # either kind, sharded or not
         start, history = saved["step"], saved.get("history", [])
         log.info("resuming from %s (step %d of %d)", latest, start, config.steps)
     loader = train_loader(
@@ -396,8 +421,8 @@ def train(
     params = [p for p in prepared.parameters() if p.requires_grad]
     if ema is not None:
         ema = {name: value.to(accelerator.device) for name, value in ema.items()}
-        ema_targets = list(ema.values())
-        ema_sources = [p.detach() for p in model.parameters()]  # views: they see the updates
+        ema_targets = [local(value) for value in ema.values()]  # this rank's shard under fsdp
+        ema_sources = [local(p.detach()) for p in model.parameters()]  # views: they see the updates
 
     def evaluate(step: int) -> dict[str, float]:
         results = {"step": step}
@@ -435,7 +460,11 @@ def train(
             batch = next(batches)
             data_wait += time.perf_counter() - t_wait
             last = micro_step == accumulation - 1
-            with contextlib.nullcontext() if last else accelerator.no_sync(prepared):
+            if last:
+                no_sync = contextlib.nullcontext()
+            else:
+                no_sync = gradient_sync_off(prepared) if sharded else accelerator.no_sync(prepared)
+            with no_sync, autocast():
                 out = forward(finish(batch["images"]), batch["labels"])
                 accelerator.backward(out.loss / accumulation)
             loss = out.loss.detach()
@@ -498,14 +527,18 @@ def train(
                 bar.write(f"{description} step {done}: {shown}")
         if saving:
             accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                state = {
-                    "fingerprint": run_dir.name,
-                    "config": dataclasses.asdict(config),
-                    "history": history,
-                    "wall_seconds": run_seconds(),
-                }
-                finished_at = state["wall_seconds"] if is_last else None
+            state = {
+                "fingerprint": run_dir.name,
+                "config": dataclasses.asdict(config),
+                "history": history,
+                "wall_seconds": run_seconds(),
+            }
+            finished_at = state["wall_seconds"] if is_last else None
+            if sharded:  # every rank writes its shards
+                save_sharded_training_state(
+                    run_dir, done, prepared, optimizer, state, config.keep_checkpoints, ema
+                )
+            elif accelerator.is_main_process:
                 save_training_state(
                     run_dir,
                     done,
@@ -521,13 +554,21 @@ def train(
     bar.close()
     writer.wait()  # the last checkpoint is on disk before the run reports
     wall = run_seconds() if finished_at is None else finished_at
-    accelerator.unwrap_model(prepared).to("cpu")  # the model and the objective's own weights ([mask], DRLoc)
     model.activation_checkpointing = False
-    unwrapped = model.eval()
+    if sharded:  # every rank gets the whole model, as after unsharded training
+        unwrapped = consolidated_model(prepared).eval()
+    else:
+        accelerator.unwrap_model(prepared).to(
+            "cpu"
+        )  # the model and the objective's own weights ([mask], DRLoc)
+        unwrapped = model.eval()
     ema_model = None
     if ema is not None:
         ema_model = copy.deepcopy(unwrapped)
-        ema_model.load_state_dict({**unwrapped.state_dict(), **ema})  # buffers as trained, weights averaged
+        averaged = {name: full(value) for name, value in ema.items()}
+        ema_model.load_state_dict(
+            {**unwrapped.state_dict(), **averaged}
+        )  # buffers as trained, weights averaged
     logs = [r for r in history if "seconds" in r]  # every session of a resumed run
     throughput = sum(r["images"] for r in logs) / max(sum(r["seconds"] for r in logs), 1e-9)
     return TrainResult(

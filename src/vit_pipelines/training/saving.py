@@ -28,6 +28,7 @@ from vit_pipelines.models.checkpoints import (
     write_native,
 )
 from vit_pipelines.models.vit import VisionTransformer
+from vit_pipelines.training.sharding import is_sharded, load_sharded, load_whole, save_sharded
 
 LABELS = "labels.json"  # class id → name, beside a model trained on named classes
 OPTIMIZER = "optimizer.pt"
@@ -50,10 +51,20 @@ def writable_folder(path: str | Path) -> Path:
 
 
 def _replace_atomically(folder: Path, fill: Any) -> None:
+    tmp = _fresh_tmp(folder)
+    fill(tmp)
+    _publish(tmp, folder)
+
+
+def _fresh_tmp(folder: Path) -> Path:
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    fill(tmp)
+    return tmp
+
+
+def _publish(tmp: Path, folder: Path) -> None:
+    """`tmp` renamed to `folder`, replacing it."""
     old = folder.with_name(folder.name + ".old")
     if folder.exists():
         folder.rename(old)
@@ -119,14 +130,55 @@ def save_training_state(
 
     def write() -> None:
         _replace_atomically(folder, fill)
-        for stale in sorted(Path(root).glob("step_???????"))[:-keep] if keep > 0 else []:
-            shutil.rmtree(stale, ignore_errors=True)
+        _keep_newest(root, keep)
 
     if writer is None:
         write()
     else:
         writer.submit(write)
     return folder
+
+
+def _keep_newest(root: str | Path, keep: int) -> None:
+    for stale in sorted(Path(root).glob("step_???????"))[:-keep] if keep > 0 else []:
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def save_sharded_training_state(
+    root: str | Path,
+    step: int,
+    objective: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    keep: int = 2,
+    ema: Mapping[str, torch.Tensor] | None = None,
+) -> Path:
+    """`save_training_state` for a sharded run (collective): every rank writes its shards of the weights,
+    optimiser state and EMA into `root/step_XXXXXXX/sharded/`; rank 0 adds `trainer_state.json` last and
+    renames the folder into place. `root` must be on storage every rank writes to."""
+    folder, main = Path(root) / f"step_{step:07d}", torch.distributed.get_rank() == 0
+    tmp = folder.with_name(folder.name + ".tmp")
+    if main:
+        _fresh_tmp(folder)
+    torch.distributed.barrier()
+    save_sharded(tmp, objective, optimizer, ema)
+    if main:
+        (tmp / STATE).write_text(json.dumps({**state, "step": step}, indent=1))
+        _publish(tmp, folder)
+        _keep_newest(root, keep)
+    return folder
+
+
+def load_sharded_training_state(
+    folder: Path,
+    objective: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ema: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """Restore a checkpoint of `save_sharded_training_state` (written by any number of ranks) into `objective`
+    and `optimizer`, sharded or not, and in place into `ema`; returns its `trainer_state.json`."""
+    load_sharded(folder, objective, optimizer, ema)
+    return json.loads((folder / STATE).read_text())
 
 
 def host_copy(value: Any) -> Any:
@@ -178,22 +230,30 @@ def latest_training_state(root: str | Path) -> Path | None:
 
 def load_training_state(
     folder: Path,
-    model: VisionTransformer,
+    objective: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     ema: Mapping[str, torch.Tensor] | None = None,
-    objective: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Restore weights, optimiser state and, in place into the tensors of `ema` and `objective`, the EMA and
-    objective weights; returns the saved `trainer_state.json`."""
-    model.load_state_dict(read_native(folder)[1])
-    optimizer.load_state_dict(torch.load(folder / OPTIMIZER, weights_only=True, map_location="cpu"))
-    for name, tensors in ((EMA, ema), (OBJECTIVE, objective)):
-        if tensors is None:
-            continue
-        if not (folder / name).exists():
-            raise FileNotFoundError(f"{folder} holds no {name} to resume from")
-        saved = load_file(folder / name)
+    """Restore weights, optimiser state and the objective's own weights into `objective` (wrapping the model,
+    sharded or not) and `optimizer`, and the EMA weights in place into `ema`; returns the saved
+    `trainer_state.json`."""
+    weights = {f"model.{name}": value for name, value in read_native(folder)[1].items()}
+    own = {k: v for k, v in objective.state_dict(keep_vars=True).items() if not k.startswith("model.")}
+    weights.update(_saved(folder, OBJECTIVE) if own else {})
+    moments = torch.load(folder / OPTIMIZER, weights_only=True, map_location="cpu")
+    saved_ema = _saved(folder, EMA) if ema is not None else None
+    if is_sharded(objective):
+        load_whole(objective, optimizer, weights, moments, ema, saved_ema)
+    else:
+        objective.load_state_dict(weights)
+        optimizer.load_state_dict(moments)
         with torch.no_grad():
-            for key, value in tensors.items():
-                value.copy_(saved[key])
+            for key, value in (ema or {}).items():
+                value.copy_(saved_ema[key])
     return json.loads((folder / STATE).read_text())
+
+
+def _saved(folder: Path, name: str) -> dict[str, torch.Tensor]:
+    if not (folder / name).exists():
+        raise FileNotFoundError(f"{folder} holds no {name} to resume from")
+    return load_file(folder / name)
