@@ -194,10 +194,11 @@ def test_gpu_benchmark_scaling_section_runs_on_two_cpu_processes_and_fsdp_halves
         "--steps",
         "1",
     ]
-    subprocess.run(
-        [*launch, str(script), *args, "--out", str(out)], check=True, capture_output=True,
+    done = subprocess.run(
+        [*launch, str(script), *args, "--out", str(out)], capture_output=True, text=True,
         env={**os.environ, "ACCELERATE_USE_CPU": "1"},
     )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     ddp, fsdp = json.loads(out.read_text())["results"]
     assert (ddp["sharding"], fsdp["sharding"]) == ("ddp", "fsdp") and ddp["processes"] == 2
     assert ddp["images_per_second"] > 0 and fsdp["images_per_second"] > 0

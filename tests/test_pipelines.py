@@ -10,6 +10,7 @@ from pathlib import Path
 import nbformat
 import PIL.Image
 import pytest
+import yaml
 from conftest import copy_project, newest, run_in
 from nbclient import NotebookClient
 from test_streaming import write_tar
@@ -213,6 +214,57 @@ def test_tiny_vtab_runs_the_protocol_on_the_embedded_suite(project):
     assert results["mean"] == pytest.approx(sum(results["group_mean"].values()) / 3)  # one task per group
     with PIL.Image.open(newest(out / "vtab_groups.png")) as plot:
         assert plot.size[0] > 1000
+
+
+def test_every_run_is_an_mlflow_run_with_its_params_curves_reports_and_children(project):
+    # Runs after the pretrain (twice), finetune and vtab tests above, in the same project.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project / 'data' / 'tiny' / '09_tracking' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("vit-pipelines").experiment_id
+    runs = client.search_runs([experiment], max_results=1000)
+    top = {r.info.run_name: r for r in runs if "mlflow.parentRunId" not in r.data.tags}
+    assert {"pretrain", "finetune", "vtab"} <= set(top) and all(r.info.status == "FINISHED" for r in runs)
+    # pretrain: every parameter of its groups, the training curve per step, evaluations, reports and the model
+    pretrain = client.search_runs([experiment], "attributes.run_name = 'pretrain'", max_results=1)[0]
+    params = pretrain.data.params
+    tiny = yaml.safe_load((project / "conf" / "tiny" / "parameters_pretrain.yml").read_text())["pretrain"]
+    assert params["pretrain.train.steps"] == str(tiny["train"]["steps"])  # the run's environment's value
+    assert {"pretrain.model.variant", "pretrain.train.steps", "dedup.threshold"} <= set(params)
+    loss = client.get_metric_history(pretrain.info.run_id, "loss")
+    assert len(loss) >= 2 and [m.step for m in loss] == sorted(m.step for m in loss)
+    metrics = pretrain.data.metrics
+    assert {
+        "minival_accuracy",
+        "images_per_second",
+        "data_wait_fraction",
+        "pretrain_metrics.minival_accuracy",
+    } <= set(metrics)
+    files = {a.path for path in ("", "reports", "models/pretrained_model") for a in client.list_artifacts(
+        pretrain.info.run_id, path)}  # fmt: skip
+    assert {"pretrain_curves.png", "reports/pretrain_metrics.json"} <= files
+    assert "models/pretrained_model/model.safetensors" in files
+    # finetune: one child run per dataset, one run per learning rate of each sweep under it
+    children = {
+        r.info.run_name: r
+        for r in runs
+        if r.data.tags.get("mlflow.parentRunId") == top["finetune"].info.run_id
+    }
+    assert set(children) == set(embedded.DOWNSTREAM_NAMES)
+    for child in children.values():
+        assert 0 <= child.data.metrics["pretrained_result.test_accuracy"] <= 1
+        assert client.get_metric_history(child.info.run_id, "pretrained_result.history.loss")
+        rates = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == child.info.run_id]
+        assert sorted(r.info.run_name for r in rates) == sorted(
+            f"{start} lr={lr}" for start in ("pretrained", "scratch") for lr in (0.01, 0.03)
+        )
+        assert all(0 <= r.data.metrics["dev_accuracy"] <= 1 for r in rates)
+    # vtab: one child run per task, with its test accuracy
+    tasks = {
+        r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == top["vtab"].info.run_id
+    }
+    assert set(tasks) == {"digits", "textures", "counting"}
+    assert all(0 <= t.data.metrics["test.result.test_accuracy"] <= 1 for t in tasks.values())
 
 
 def test_tiny_data_stage_streams_webdataset_shards_into_the_same_cache(tmp_path):

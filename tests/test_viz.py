@@ -1,10 +1,11 @@
-"""`kedro viz` shows the project's pipelines.
+"""`kedro viz` shows the project's pipelines; `mlflow ui` shows its tracked runs.
 
 1. `kedro viz build` (run in a throw-away copy of the project, so the working tree stays clean) writes a static
    site whose JSON API lists the registered pipelines, the `pretrain` pipeline's nodes, edges and catalog datasets.
 2. That site, served on 127.0.0.1 and rendered by headless Chromium, draws the flowchart: an `<svg>` holding one
    `pipeline-node` element per task/dataset, labelled with the node names, and a non-blank screenshot.
-   Skipped only when no `chromium` executable is on PATH.
+3. `mlflow ui` shows a run the tracking hook wrote, with its metric charts.
+   The browser parts are skipped only when no `chromium` executable is on PATH.
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import threading
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -309,3 +313,80 @@ def test_browser_draws_pretrain_flowchart(served, tmp_path: Path) -> None:
     background = max(area.getcolors(maxcolors=1 << 24))[0]  # pixel count of the commonest colour
     drawn_fraction = 1 - background / (area.width * area.height)
     assert drawn_fraction > 0.01, f"flowchart area looks blank ({drawn_fraction:.2%} non-background pixels)"
+
+
+# ------------------------------------------------------------------------------------------------------------ mlflow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mlflow_ui_shows_a_tracked_run_with_its_loss_chart(tmp_path: Path) -> None:
+    """A run as the tracking hook writes it (parameters, a per-step loss), shown by `mlflow ui` in Chromium:
+    the run's name, its loss chart drawn, a non-blank screenshot."""
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("no `chromium` on PATH (Debian: apt-get install -y chromium)")
+    from kedro.io import DataCatalog, MemoryDataset
+    from kedro.pipeline import Pipeline
+    from mlflow.tracking import MlflowClient
+
+    from vit_pipelines.tracking import TrackWithMlflow
+
+    hook = TrackWithMlflow()
+    hook.settings, hook.project = {"enabled": True}, tmp_path
+    catalog = DataCatalog({"parameters": MemoryDataset({"pretrain": {"train": {"lr": 0.001}}})})
+    hook.before_pipeline_run({"pipeline_names": ["pretrain"]}, Pipeline([]), catalog)
+    run_id = hook.run_id
+    records = [{"step": s, "loss": 3.0 / s, "accuracy": 0.1 * s} for s in range(1, 9)]
+    hook.after_dataset_saved("pretrain_history", {"records": records})
+    hook.after_pipeline_run()
+    store = f"sqlite:///{tmp_path / 'data' / '09_tracking' / 'mlflow.db'}"
+    experiment = MlflowClient(store).get_run(run_id).info.experiment_id
+
+    port = _free_port()
+    server = subprocess.Popen(
+        ["mlflow", "ui", "--backend-store-uri", store, "--host", "127.0.0.1", "--port", str(port)],
+        cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        run_api = f"http://127.0.0.1:{port}/ajax-api/2.0/mlflow/runs/get?run_id={run_id}"
+        for _ in range(120):  # up, and answering the run page's first request
+            try:
+                with urllib.request.urlopen(run_api, timeout=5) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow ui did not answer within 60 s")
+        screenshot, profile = tmp_path / "mlflow-run.png", tmp_path / "chromium-profile"
+        page = f"http://127.0.0.1:{port}/#/experiments/{experiment}/runs/{run_id}/model-metrics"
+        for _ in range(
+            3
+        ):  # the first load fetches and compiles the UI's scripts: the charts may still be loading
+            cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                   f"--user-data-dir={profile}", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+                   f"--window-size={WINDOW[0]},{WINDOW[1]}", "--hide-scrollbars", "--virtual-time-budget=90000",
+                   "--run-all-compositor-stages-before-draw",
+                   f"--screenshot={screenshot}", "--dump-dom", page]  # fmt: skip
+            result = _run(cmd, tmp_path, CHROMIUM_TIMEOUT_S)
+            assert result.returncode == 0, result.stderr[-3000:]
+            if "js-plotly-plot" in result.stdout:
+                break
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    dom = result.stdout
+    assert "pretrain" in dom and re.search(r">loss<", dom), dom[:2000]
+    assert dom.count("js-plotly-plot") >= 2, "the run's metric charts were not drawn"  # loss and accuracy
+
+    from PIL import Image
+
+    with Image.open(screenshot) as image:
+        colours = image.convert("RGB").getcolors(maxcolors=1 << 24)
+    assert colours is not None and len(colours) > 200, "screenshot is (nearly) one colour"

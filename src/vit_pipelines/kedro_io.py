@@ -119,6 +119,12 @@ class ViTModelDataset(AbstractVersionedDataset[VisionTransformer, VisionTransfor
     def save(self, data: VisionTransformer) -> None:
         save_model(data, Path(self._get_save_path()).parent if self._version else self._filepath)
 
+    def saved_folder(self) -> Path:
+        """The folder `save` writes (or wrote): this run's version folder, or `path` when unversioned."""
+        if self._version:
+            return Path(self._get_versioned_path(self.resolve_save_version())).parent
+        return Path(self._filepath)
+
     def _exists(self) -> bool:
         try:
             return self._weights().exists()

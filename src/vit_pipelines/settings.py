@@ -15,6 +15,7 @@ from vit_pipelines.hooks import (
     UseRunGlobals,
 )
 from vit_pipelines.kedro_io import RankAwareCatalog
+from vit_pipelines.tracking import TrackWithMlflow
 
 # Under `accelerate launch`, only the main process writes catalog outputs; the other ranks stay quiet.
 # Every output location is checked for writing before a pipeline starts.
@@ -26,6 +27,7 @@ HOOKS = (
     OneRunPerDataFolder(),
     QuietNonMainRanks(),
     SummariseTheRun(),
+    TrackWithMlflow(),
 )
 
 # Logs written to a file or a CI log keep whole lines: rich wraps at 80 columns where it finds no terminal.
@@ -43,5 +45,6 @@ CONFIG_LOADER_ARGS = {
     "base_env": "base",
     "default_run_env": "local",
     # An environment such as `tiny` overrides single keys and leaves the rest of base in place.
-    "merge_strategy": {"parameters": "soft", "catalog": "soft", "globals": "soft"},
+    "merge_strategy": {"parameters": "soft", "catalog": "soft", "globals": "soft", "mlflow": "soft"},
+    "config_patterns": {"mlflow": ["mlflow*", "mlflow*/**"]},  # experiment tracking (vit_pipelines.tracking)
 }
