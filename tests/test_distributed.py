@@ -54,6 +54,11 @@ def test_two_ranks_train_the_weights_of_one_process_and_write_the_same_files(tmp
 
     # The same files as one process; the cache's shards written by both ranks, byte for byte the same.
     assert files_under(two / "data") == files_under(one / "data")
+    from mlflow.tracking import MlflowClient  # the main rank alone tracked the run: one MLflow run
+
+    store = MlflowClient(f"sqlite:///{two / 'data' / 'tiny' / '09_tracking' / 'mlflow.db'}")
+    runs = store.search_runs([store.get_experiment_by_name("vit-pipelines").experiment_id])
+    assert [r.info.run_name for r in runs] == ["pretrain"]
     cache = "data/tiny/05_model_input/pretrain/train"
     manifest = json.loads((two / cache / "manifest.json").read_text())
     assert len(manifest["shards"]) > 2 and {s["rank"] for s in manifest["shards"]} == {0, 1}

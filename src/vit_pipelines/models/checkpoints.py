@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from vit_pipelines.models import hub
 from vit_pipelines.models.config import VARIANTS, ViTConfig
 from vit_pipelines.models.posemb import resize_pos_embed
 from vit_pipelines.models.resnet import RESNET_LAYERS, resnet_stem_from_name
@@ -117,8 +118,10 @@ def load_pretrained(
 ) -> VisionTransformer:
     """A `VisionTransformer` (eval mode) with the weights of `source`, giving the source framework's logits.
 
-    `source`: a folder (`config.json` + `model.safetensors` or `pytorch_model.bin`: "native" or "hf"), a file
-    (`.safetensors`, `.npz`, or a weights-only torch file) or an in-memory state dict / npz mapping. `format`:
+    `source`: a folder (`config.json` + `model.safetensors` or `pytorch_model.bin`: "native", "hf" or timm's), a
+    file (`.safetensors`, `.npz`, or a weights-only torch file), a name (`hf:<repo id>[@revision]`,
+    `timm:<model name>`) or URL (`gs://`, `s3://`, `https://`: `models/hub.py`), or an in-memory state dict / npz
+    mapping. `format`:
     "auto" (from the folder's config or the keys) or one of FORMATS. `image_size` (pixels) different from the
     source's resizes the position embedding with `resize_method` ("zoom_bilinear" as vit_jax, or "bicubic" as
     timm); `num_classes` different from the source's puts ONE zero-initialised Linear(D→K) in place of the head
@@ -131,10 +134,16 @@ def load_pretrained(
     if format not in ("auto", *FORMATS):
         raise ValueError(f"format must be 'auto' or one of {FORMATS}, got {format!r}")
     folder_config = None
+    if isinstance(source, str):  # a name (hf:…, timm:…) or URL: its local copy
+        source, implied = hub.resolve(source)
+        format = implied if format == "auto" and implied else format
     if isinstance(source, Mapping):
         tensors = _as_tensors(source)
     elif Path(source).is_dir():
         folder_config, tensors = _read_folder(Path(source))
+        kind = folder_config.get("model_type") or folder_config.get("architecture")  # HF's, timm's
+        if kind and not str(kind).startswith("vit"):
+            raise ValueError(f"{source} holds a {kind!r} model, not a Vision Transformer")
     else:
         tensors = _read_file(Path(source))
     if format == "auto":
@@ -260,10 +269,16 @@ def _read_file(path: Path) -> Tensors:
     try:
         return _as_tensors(torch.load(path, map_location="cpu", weights_only=True))
     except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"refusing to unpickle {path}: it holds Python objects, not just tensors; "
-            "convert it to safetensors, npz or a plain state dict"
-        ) from err
+        with path.open("rb") as f:
+            head = f.read(2)
+        if head in (b"PK", *(bytes([0x80, v]) for v in range(2, 6))):  # torch.save's zip, a pickle
+            raise ValueError(
+                f"refusing to unpickle {path}: it holds Python objects, not just tensors; "
+                "convert it to safetensors, npz or a plain state dict"
+            ) from err
+        raise ValueError(f"cannot read {path}: not a safetensors, npz or torch weights file") from err
+    except (RuntimeError, KeyError, EOFError) as err:  # torch.load's errors for files of other kinds
+        raise ValueError(f"cannot read {path}: not a safetensors, npz or torch weights file") from err
 
 
 def _as_tensors(values: Any) -> Tensors:
@@ -278,6 +293,8 @@ def _as_tensors(values: Any) -> Tensors:
 
 def _detect_format(tensors: Tensors, folder_config: dict[str, Any] | None) -> str:
     if folder_config is not None:
+        if "architecture" in folder_config:  # timm's hub config
+            return "timm"
         return "hf" if "model_type" in folder_config else "native"
     if any("/" in k for k in tensors):
         return "big_vision"
