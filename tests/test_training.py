@@ -507,3 +507,14 @@ def test_a_background_checkpoint_holds_the_weights_of_its_step_and_reports_its_e
     with pytest.raises(OSError):
         writer.wait()  # the write's error reaches the training thread
     writer.wait()  # and only once
+
+
+def test_a_loader_that_ends_early_stops_the_run_naming_the_step(monkeypatch):
+    import vit_pipelines.training.loop as loop
+
+    full = loop.train_loader
+    monkeypatch.setattr(
+        loop, "train_loader", lambda cache, pp, batch, n, **kw: full(cache, pp, batch, n - 2, **kw)
+    )
+    with pytest.raises(RuntimeError, match=r"the training data ended early, at step 5 of 6"):
+        train(tiny_model(), tiny_cache(), config())

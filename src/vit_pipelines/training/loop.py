@@ -457,7 +457,13 @@ def train(
         seed_everywhere(config.seed * 1_000_003 + step, accelerator.device)  # dropout etc.: the step's only
         for micro_step in range(accumulation):
             t_wait = time.perf_counter()
-            batch = next(batches)
+            try:
+                batch = next(batches)
+            except StopIteration:  # an XLA loader thread stops its queue on any error in the loader
+                raise RuntimeError(
+                    f"the training data ended early, at step {step + 1} of {config.steps}: the loader yielded "
+                    "fewer batches than the schedule needs (any loader error is printed above)"
+                ) from None
             data_wait += time.perf_counter() - t_wait
             last = micro_step == accumulation - 1
             if last:
