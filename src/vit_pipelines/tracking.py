@@ -15,6 +15,7 @@ import logging
 import math
 import re
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,7 @@ class TrackWithMlflow:
         self.env = "local"
         self.client: Any = None
         self.run_id: str | None = None
+        self.experiment = ""
         self.children: dict[str, str] = {}
         self.catalog: Any = None
 
@@ -140,10 +142,10 @@ class TrackWithMlflow:
         self.client = MlflowClient(tracking_uri=uri)
         name = self.settings.get("experiment") or "vit-pipelines"
         found = self.client.get_experiment_by_name(name)
-        experiment = found.experiment_id if found else self.client.create_experiment(name, artifacts)
+        self.experiment = found.experiment_id if found else self.client.create_experiment(name, artifacts)
         pipelines = run_params.get("pipeline_names") or ["__default__"]
         tags = {"pipelines": ",".join(pipelines), "kedro_env": self.env or "local"}
-        run = self.client.create_run(experiment, run_name=" ".join(pipelines), tags=tags)
+        run = self.client.create_run(self.experiment, run_name=" ".join(pipelines), tags=tags)
         self.run_id, self.children, self.catalog = run.info.run_id, {}, catalog
         groups = sorted(
             {n.removeprefix("params:").split(".")[0] for n in pipeline.inputs() if n.startswith("params:")}
@@ -163,9 +165,8 @@ class TrackWithMlflow:
         run_id = self._child(child) if child else self.run_id
         if isinstance(data, dict):
             self._log_report(run_id, name, data)
-            if name.endswith("_sweep") and isinstance(
-                data.get("dev_accuracy"), dict
-            ):  # one child run per rate
+            # a fine-tuning sweep: one child run per learning rate
+            if name.endswith("_sweep") and isinstance(data.get("dev_accuracy"), dict):
                 for lr, accuracy in data["dev_accuracy"].items():
                     self._log_rate(run_id, name.removesuffix("_sweep"), lr, accuracy)
         elif hasattr(data, "savefig"):  # a matplotlib figure
@@ -204,22 +205,21 @@ class TrackWithMlflow:
         """A fine-tuning learning rate's dev accuracy as a run under `parent` (`start`: pretrained or scratch)."""
         from mlflow.entities import Metric, Param
 
-        run = self.client.create_run(
-            self.client.get_run(parent).info.experiment_id,
-            run_name=f"{start} lr={lr}",
-            tags={"mlflow.parentRunId": parent},
-        )
+        run_id = self._new_run(f"{start} lr={lr}", parent)
         metrics = [Metric("dev_accuracy", float(accuracy), _millis(), 0)] if _number(accuracy) else []
         params = [Param("lr", str(lr)), Param("start", start)]
-        self.client.log_batch(run.info.run_id, metrics=metrics, params=params)
-        self.client.set_terminated(run.info.run_id)
+        self.client.log_batch(run_id, metrics=metrics, params=params)
+        self.client.set_terminated(run_id)
 
     def _child(self, name: str) -> str:
+        """The pipeline run's child run `name`, started on first use."""
         if name not in self.children:
-            experiment = self.client.get_run(self.run_id).info.experiment_id
-            run = self.client.create_run(experiment, run_name=name, tags={"mlflow.parentRunId": self.run_id})
-            self.children[name] = run.info.run_id
+            self.children[name] = self._new_run(name, self.run_id)
         return self.children[name]
+
+    def _new_run(self, name: str, parent: str) -> str:
+        run = self.client.create_run(self.experiment, run_name=name, tags={"mlflow.parentRunId": parent})
+        return run.info.run_id
 
     def _is_history(self, report: dict[str, Any]) -> bool:
         return isinstance(report.get("records"), list)
@@ -239,6 +239,4 @@ class TrackWithMlflow:
 
 
 def _millis() -> int:
-    import time
-
     return int(time.time() * 1000)

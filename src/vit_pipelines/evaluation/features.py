@@ -51,9 +51,8 @@ def extract_features(
             out = model.forward_features(batch["images"], tokens=False)["pre_logits"]
         features.append(out.float().cpu().numpy())
         labels.append(batch["labels"].cpu().numpy().astype(np.int64))
-    if is_sharded(
-        model
-    ):  # every rank runs as many forward passes as the others: they gather weights together
+    # every rank runs as many forward passes as the others: they gather a sharded model's weights together
+    if is_sharded(model):
         for _ in range(idle_forwards(shares_per_rank(len(cache)), batch_size, rank)):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 model.forward_features(placeholder_images(model, device), tokens=False)

@@ -38,15 +38,15 @@ def _hub(spec: str, source: str) -> Path:
     )
 
     repo, _, revision = spec.partition("@")
+
+    def download(patterns: tuple[str, ...]) -> Path:
+        return Path(snapshot_download(repo, revision=revision or None, allow_patterns=list(patterns)))
+
     try:
-        folder = Path(snapshot_download(repo, revision=revision or None, allow_patterns=list(PREFERRED)))
-        if not any(folder.glob("*.safetensors")) and not any(
-            folder.glob("*.npz")
-        ):  # an older repo: torch weights
-            folder = Path(
-                snapshot_download(repo, revision=revision or None, allow_patterns=list(WEIGHT_FILES))
-            )
-        return folder
+        folder = download(PREFERRED)
+        # an older repository holds torch weights only
+        has_weights = any(folder.glob("*.safetensors")) or any(folder.glob("*.npz"))
+        return folder if has_weights else download(WEIGHT_FILES)
     except LocalEntryNotFoundError as err:
         raise FileNotFoundError(
             f"{source} is not in the local cache (HF_HUB_CACHE) and the Hub cannot be reached: "

@@ -56,6 +56,7 @@ from vit_pipelines.training.saving import (
     latest_training_state,
     load_sharded_training_state,
     load_training_state,
+    objective_state,
     save_sharded_training_state,
     save_training_state,
     writable_folder,
@@ -106,9 +107,7 @@ class TrainConfig:
     num_workers: int | str = 0  # loader worker processes per rank; "auto" sizes them from the cores
     activation_checkpointing: bool = False  # recompute each block in the backward pass: larger models/batches
     compile: bool = False  # torch.compile the training step (CUDA: faster after the first steps' compile)
-    sharding: str = (
-        "ddp"  # ddp: a full copy per rank; fsdp: weights, gradients, moments and EMA split over ranks
-    )
+    sharding: str = "ddp"  # ddp: a full copy per rank; fsdp: weights, gradients, Adam, EMA split over ranks
 
     def __post_init__(self) -> None:
         """Ranges, checked before any work: a bad value is one line, not a random-init model or a crash later."""
@@ -564,17 +563,15 @@ def train(
     if sharded:  # every rank gets the whole model, as after unsharded training
         unwrapped = consolidated_model(prepared).eval()
     else:
-        accelerator.unwrap_model(prepared).to(
-            "cpu"
-        )  # the model and the objective's own weights ([mask], DRLoc)
+        # the model and the objective's own weights ([mask], DRLoc)
+        accelerator.unwrap_model(prepared).to("cpu")
         unwrapped = model.eval()
     ema_model = None
     if ema is not None:
         ema_model = copy.deepcopy(unwrapped)
         averaged = {name: full(value) for name, value in ema.items()}
-        ema_model.load_state_dict(
-            {**unwrapped.state_dict(), **averaged}
-        )  # buffers as trained, weights averaged
+        # buffers as trained, weights averaged
+        ema_model.load_state_dict({**unwrapped.state_dict(), **averaged})
     logs = [r for r in history if "seconds" in r]  # every session of a resumed run
     throughput = sum(r["images"] for r in logs) / max(sum(r["seconds"] for r in logs), 1e-9)
     return TrainResult(
@@ -585,12 +582,6 @@ def train(
         images_per_second=throughput,
         ema_model=ema_model,
     )
-
-
-def objective_state(objective: torch.nn.Module) -> dict[str, torch.Tensor] | None:
-    """The objective's own trained tensors (DRLoc's MLP, the [mask] token), saved beside the model's."""
-    own = {k: v for k, v in objective.state_dict(keep_vars=True).items() if not k.startswith("model.")}
-    return own or None
 
 
 class NonFiniteLossError(FloatingPointError):

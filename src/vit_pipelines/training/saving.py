@@ -56,8 +56,13 @@ def _replace_atomically(folder: Path, fill: Any) -> None:
     _publish(tmp, folder)
 
 
+def _tmp_of(folder: Path) -> Path:
+    """Where `folder` is filled before `_publish` renames it into place."""
+    return folder.with_name(folder.name + ".tmp")
+
+
 def _fresh_tmp(folder: Path) -> Path:
-    tmp = folder.with_name(folder.name + ".tmp")
+    tmp = _tmp_of(folder)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp
@@ -116,7 +121,7 @@ def save_training_state(
     """Write `root/step_XXXXXXX/` (weights, optimiser, EMA and objective weights if any,
     `trainer_state.json`) and keep the newest `keep`. Every tensor is copied to host memory first; with `writer`
     the files are then written in its thread while training goes on."""
-    folder = Path(root) / f"step_{step:07d}"
+    folder = _step_folder(root, step)
     weights, optimizer_state = host_copy(model.state_dict()), host_copy(optimizer.state_dict())
     extra = {name: host_copy(dict(t)) for name, t in ((EMA, ema), (OBJECTIVE, objective)) if t is not None}
     trainer_state = json.dumps({**state, "step": step}, indent=1)
@@ -139,6 +144,16 @@ def save_training_state(
     return folder
 
 
+def objective_state(objective: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """The objective's own trained tensors (DRLoc's MLP, the [mask] token), saved beside the model's."""
+    own = {k: v for k, v in objective.state_dict(keep_vars=True).items() if not k.startswith("model.")}
+    return own or None
+
+
+def _step_folder(root: str | Path, step: int) -> Path:
+    return Path(root) / f"step_{step:07d}"
+
+
 def _keep_newest(root: str | Path, keep: int) -> None:
     for stale in sorted(Path(root).glob("step_???????"))[:-keep] if keep > 0 else []:
         shutil.rmtree(stale, ignore_errors=True)
@@ -156,8 +171,8 @@ def save_sharded_training_state(
     """`save_training_state` for a sharded run (collective): every rank writes its shards of the weights,
     optimiser state and EMA into `root/step_XXXXXXX/sharded/`; rank 0 adds `trainer_state.json` last and
     renames the folder into place. `root` must be on storage every rank writes to."""
-    folder, main = Path(root) / f"step_{step:07d}", torch.distributed.get_rank() == 0
-    tmp = folder.with_name(folder.name + ".tmp")
+    folder, main = _step_folder(root, step), torch.distributed.get_rank() == 0
+    tmp = _tmp_of(folder)
     if main:
         _fresh_tmp(folder)
     torch.distributed.barrier()
@@ -238,8 +253,7 @@ def load_training_state(
     sharded or not) and `optimizer`, and the EMA weights in place into `ema`; returns the saved
     `trainer_state.json`."""
     weights = {f"model.{name}": value for name, value in read_native(folder)[1].items()}
-    own = {k: v for k, v in objective.state_dict(keep_vars=True).items() if not k.startswith("model.")}
-    weights.update(_saved(folder, OBJECTIVE) if own else {})
+    weights.update(_saved(folder, OBJECTIVE) if objective_state(objective) else {})
     moments = torch.load(folder / OPTIMIZER, weights_only=True, map_location="cpu")
     saved_ema = _saved(folder, EMA) if ema is not None else None
     if is_sharded(objective):

@@ -127,9 +127,7 @@ def save_sharded(
 ) -> None:
     """Every rank writes its shards of the weights, optimiser state and EMA to `folder/sharded/`
     (collective), and the model's config beside them."""
-    weights, moments = get_state_dict(objective, _unwrapped(optimizer))
-    state = {"model": weights, "optimizer": moments, **({"ema": dict(ema)} if ema is not None else {})}
-    dcp.save(state, checkpoint_id=folder / SHARDED)
+    dcp.save(_training_state(objective, optimizer, ema), checkpoint_id=folder / SHARDED)
     if torch.distributed.get_rank() == 0:
         (folder / SHARDED / CONFIG).write_text(objective.model.config.to_json())
 
@@ -142,12 +140,20 @@ def load_sharded(
 ) -> None:
     """Restore what `save_sharded` wrote into `objective`, `optimizer` and, in place, `ema`, whatever the number
     of ranks that wrote it and whether `objective` is sharded now (collective under a launch)."""
-    weights, moments = get_state_dict(objective, _unwrapped(optimizer))
-    state = {"model": weights, "optimizer": moments, **({"ema": dict(ema)} if ema is not None else {})}
+    state = _training_state(objective, optimizer, ema)
     _read_shards(state, folder / SHARDED)
     set_state_dict(
         objective, _unwrapped(optimizer), model_state_dict=state["model"], optim_state_dict=state["optimizer"]
     )
+
+
+def _training_state(
+    objective: nn.Module, optimizer: torch.optim.Optimizer, ema: Mapping[str, torch.Tensor] | None
+) -> dict[str, Any]:
+    """What a sharded checkpoint holds, as torch.distributed.checkpoint saves and fills it: the objective's and
+    the optimiser's state dicts keyed by parameter name (this rank's shards where sharded), and the EMA."""
+    weights, moments = get_state_dict(objective, _unwrapped(optimizer))
+    return {"model": weights, "optimizer": moments, **({"ema": dict(ema)} if ema is not None else {})}
 
 
 def load_whole(
