@@ -267,11 +267,18 @@ def test_the_data_identity_of_an_image_cache_is_its_build(tmp_path):
         ("lr", 0.0, "lr must be > 0, got 0.0"),
         ("steps", "10", "steps must be a whole number >= 1, got '10'"),
         ("ema_decay", 1.0, r"ema_decay must be null or in \(0, 1\), got 1.0"),
+        ("mixed_precision", "fp32", "mixed_precision must be auto or no or bf16 or fp16, got 'fp32'"),
     ],
 )
 def test_training_parameters_out_of_range_are_refused_in_one_line(field, value, message):
     with pytest.raises(ValueError, match=f"training parameter {message}"):
         config(**{field: value})
+
+
+def test_an_unquoted_no_for_mixed_precision_means_float32():
+    # YAML and `kedro run --params train.mixed_precision=no` read `no` as false
+    params = {"steps": 2, "batch_size": 4, "lr": 1e-3, "mixed_precision": False}
+    assert TrainConfig.from_params(params).mixed_precision == "no"
 
 
 def test_checkpoint_keeps_only_the_newest(tmp_path):

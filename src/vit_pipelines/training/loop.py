@@ -76,6 +76,9 @@ log = logging.getLogger(__name__)
 Evaluator = Callable[[VisionTransformer, Accelerator], dict[str, float]]
 
 
+PRECISIONS = ("auto", "no", "bf16", "fp16")  # "auto": decided from the training device
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Hyper-parameters of one run. `batch_size` is GLOBAL (all processes, all accumulation steps)."""
@@ -137,6 +140,7 @@ class TrainConfig:
             "checkpoint_every": (lambda v: isinstance(v, int) and v >= 0, "a whole number >= 0 (0: none)"),
             "keep_checkpoints": (lambda v: isinstance(v, int) and v >= 1, "a whole number >= 1"),
             "sharding": (lambda v: v in SHARDINGS, " or ".join(SHARDINGS)),
+            "mixed_precision": (lambda v: v in PRECISIONS, " or ".join(PRECISIONS)),
         }
         for name, (check, wanted) in rules.items():
             value = getattr(self, name)
@@ -151,6 +155,8 @@ class TrainConfig:
     def from_params(cls, params: dict[str, Any]) -> TrainConfig:
         check_known_fields(cls, params, "training parameters")
         values = dict(params)
+        if values.get("mixed_precision") is False:  # YAML reads an unquoted `no` as false
+            values["mixed_precision"] = "no"
         if "betas" in values:
             values["betas"] = tuple(values["betas"])
         if isinstance(values.get("drloc"), dict):
