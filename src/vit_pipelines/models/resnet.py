@@ -1,15 +1,25 @@
-"""BiT-style ResNet stem for the hybrid ViT (paper §3.1 "Hybrid Architecture", App. B).
+"""BiT ResNets: the hybrid ViT's stem (paper §3.1 "Hybrid Architecture", App. B) and the BiT classifier that the
+paper compares ViT with (§4.1 "Baselines", Fig. 3-5).
 
-Mirrors vit_jax (`models_resnet.py` and the root block in `models_vit.py`): bottleneck units with the
+The stem mirrors vit_jax (`models_resnet.py` and the root block in `models_vit.py`): bottleneck units with the
 stride on the 3x3 conv (v1.5, no pre-activation), weight-standardised convs, GroupNorm(32) and JAX SAME
 padding. Its stride-16 feature map feeds a ViT with patch size 1.
+
+The classifier is BiT's ResNet-v2 (big_vision `models/bit.py`): pre-activation bottleneck units (GN, ReLU before
+each weight-standardised conv), a final GN + ReLU, global average pooling and a zero-initialised linear head.
 """
 
+from __future__ import annotations
+
+import math
 from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from vit_pipelines.models.config import BIT_DEPTHS, BiTConfig
 
 # Stage depths per name. R50 is the paper's hybrid: ResNet-50 with stage 4 removed and its blocks
 # moved into stage 3, so the output has stride 16. R50_s32 is the unmodified 4-stage R50 (stride 32).
@@ -37,7 +47,8 @@ def _max_pool_same(x: torch.Tensor) -> torch.Tensor:
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, channels, eps=1e-6)  # flax nn.GroupNorm defaults
+    # flax nn.GroupNorm defaults; narrower-than-BiT test models keep as many groups as divide the channels
+    return nn.GroupNorm(math.gcd(32, channels), channels, eps=1e-6)
 
 
 class StdConv2d(nn.Conv2d):
@@ -82,7 +93,9 @@ class StdConv2d(nn.Conv2d):
                 padding = (h_lo, w_lo)
             else:
                 x, padding = F.pad(x, (w_lo, w_hi, h_lo, h_hi)), 0
-        return F.conv2d(x, weight, self.bias, self.stride, padding, self.dilation, self.groups)
+        # on a 1x1 map the stride changes nothing, and oneDNN's bf16 weight gradient of a strided one is NaN
+        stride = 1 if x.shape[-2:] == (1, 1) and not self.same else self.stride
+        return F.conv2d(x, weight, self.bias, stride, padding, self.dilation, self.groups)
 
 
 class ResidualUnit(nn.Module):
@@ -151,3 +164,80 @@ def resnet_stem_from_name(name: str, width: int = 64) -> ResNetStem:
     if name not in RESNET_LAYERS:
         raise ValueError(f"unknown ResNet stem {name!r}; valid names: {sorted(RESNET_LAYERS)}")
     return ResNetStem(RESNET_LAYERS[name], width=width)
+
+
+class PreActUnit(nn.Module):
+    """ResNet-v2 bottleneck: GN, ReLU, then 1x1 → 3x3 (strided) → 1x1 (4x wider), each after GN and ReLU; the
+    shortcut is projected from the pre-activated input where the shape changes."""
+
+    def __init__(self, in_channels: int, features: int, stride: int = 1) -> None:
+        super().__init__()
+        out_channels = features * 4
+        self.gn1 = _group_norm(in_channels)
+        self.conv_proj: StdConv2d | None = None
+        if in_channels != out_channels or stride != 1:
+            self.conv_proj = StdConv2d(in_channels, out_channels, 1, stride)
+        self.conv1 = StdConv2d(in_channels, features, 1)
+        self.gn2 = _group_norm(features)
+        self.conv2 = StdConv2d(features, features, 3, stride, padding=1)
+        self.gn3 = _group_norm(features)
+        self.conv3 = StdConv2d(features, out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.gn1(x))
+        residual = x if self.conv_proj is None else self.conv_proj(y)
+        y = self.conv1(y)
+        y = self.conv2(F.relu(self.gn2(y)))
+        y = self.conv3(F.relu(self.gn3(y)))
+        return y + residual
+
+
+class BiTResNet(nn.Module):
+    """`model(images)` → logits `[B, K]` for float images `[B, 3, H, W]` in [-1, 1]: BiT's ResNet-v2.
+
+    The same interface as `VisionTransformer` where the training loop and the evaluations use it:
+    `forward_features(images)["pre_logits"]` is the pooled representation, `head` the linear classifier."""
+
+    def __init__(self, config: BiTConfig) -> None:
+        super().__init__()
+        self.config = config
+        width = config.width
+        self.conv_root = StdConv2d(config.in_chans, width, 7, stride=2, padding=3)
+        channels, stages = width, []
+        for i, depth in enumerate(BIT_DEPTHS[config.depth]):
+            features = width * 2**i
+            units = OrderedDict()
+            for j in range(depth):
+                units[f"unit{j + 1}"] = PreActUnit(channels, features, stride=2 if i > 0 and j == 0 else 1)
+                channels = features * 4
+            stages.append(nn.Sequential(units))
+        self.stages = nn.ModuleList(stages)
+        self.norm = _group_norm(channels)
+        self.head = nn.Linear(channels, config.num_classes)
+        self.activation_checkpointing = False  # set by training: units recompute activations in backward
+        nn.init.zeros_(self.head.weight)  # BiT: a zero head, so every class starts equal
+        nn.init.constant_(self.head.bias, config.head_bias_init)
+
+    @classmethod
+    def from_seed(cls, config: BiTConfig, seed: int) -> BiTResNet:
+        """A freshly initialised model whose weights depend on `seed` alone; the global RNG is left as it was."""
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return cls(config)
+
+    def forward_features(self, images: torch.Tensor, tokens: bool = False) -> dict[str, object]:
+        """`pre_logits` `[B, C]`: the final feature map after GN and ReLU, averaged over space; `grid` its size.
+        `tokens=True` adds that map as `[B, rows * columns, C]`."""
+        x = F.max_pool2d(self.conv_root(images), kernel_size=3, stride=2, padding=1)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
+        for stage in self.stages:
+            for unit in stage:
+                x = checkpoint(unit, x, use_reentrant=False) if recompute else unit(x)
+        x = F.relu(self.norm(x))
+        out: dict[str, object] = {"pre_logits": x.mean(dim=(2, 3)), "grid": tuple(x.shape[-2:])}
+        if tokens:
+            out["tokens"] = x.flatten(2).transpose(1, 2)
+        return out
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(images)["pre_logits"])

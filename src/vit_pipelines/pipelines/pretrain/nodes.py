@@ -23,7 +23,8 @@ from vit_pipelines.data.streaming import StreamedImages
 from vit_pipelines.evaluation.classification import HeldOutAccuracy, evaluate_accuracy
 from vit_pipelines.evaluation.fewshot import FewshotProbe, cache_fewshot_sets, pp_for_size
 from vit_pipelines.evaluation.plots import plot_curves
-from vit_pipelines.models import VisionTransformer, ViTConfig
+from vit_pipelines.models import VisionTransformer
+from vit_pipelines.models.build import Classifier, build_classifier, is_bit_variant
 from vit_pipelines.training.loop import TrainConfig, make_accelerator, process_state, shares_per_rank, train
 from vit_pipelines.training.losses import SIGMOID_HEAD_BIAS
 from vit_pipelines.training.objectives import MASKED_PATCH_CLASSES
@@ -84,15 +85,13 @@ def report_cache(train: datasets.Dataset, minival: datasets.Dataset) -> dict[str
 
 def build_model(
     model_params: dict[str, Any], classes: int, loss: str = "softmax", seed: int = 0
-) -> VisionTransformer:
-    """`{"variant": "Ti/4", "image_size": 32, **overrides}` → a ViT for `classes`, initialised from `seed`
-    alone (not from whatever ran before in the process: every rank and every re-run starts the same)."""
+) -> Classifier:
+    """`{"variant": "Ti/4", "image_size": 32, **overrides}` → a model for `classes` (`build_classifier`), its
+    head bias set for the `loss`."""
     overrides = dict(model_params)
-    variant, image_size = overrides.pop("variant"), overrides.pop("image_size")
     if loss == "sigmoid":
         overrides.setdefault("head_bias_init", SIGMOID_HEAD_BIAS)
-    config = ViTConfig.from_variant(variant, image_size=image_size, num_classes=classes, **overrides)
-    return VisionTransformer.from_seed(config, seed)
+    return build_classifier(overrides, classes, seed)
 
 
 def pretrain(
@@ -107,6 +106,11 @@ def pretrain(
     probes its representation with few-shot ridge on them (paper Fig. 4), beside the minival accuracy.
     """
     config = TrainConfig.from_params(params["train"])
+    if is_bit_variant(params["model"]["variant"]):
+        raise ValueError(
+            f"pretrain.model.variant {params['model']['variant']!r} is a BiT ResNet: this pipeline saves ViTs for "
+            "the transfer pipelines; BiT ResNets train and transfer in `kedro run --pipelines scaling`"
+        )
     classes = MASKED_PATCH_CLASSES if config.objective == "masked_patch" else num_classes(train_cache)
     model = build_model(params["model"], classes, config.loss, config.seed)
     objective = config.build_objective(model)
