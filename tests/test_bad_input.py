@@ -161,7 +161,8 @@ def test_an_unknown_pipeline_name_lists_the_pipelines():
 
     with pytest.raises(
         ValueError,
-        match=r"there is no pipeline 'pretrian': did you mean 'pretrain'\? the pipelines are analysis, ",
+        match=r"there is no pipeline 'pretrian': did you mean 'pretrain'\? the pipelines are ablations, "
+        r"analysis, dedup, drloc, fewshot, finetune, pretrain, scaling, vtab$",
     ):
         check_pipeline_name("pretrian")
     for name in ("pretrain", "vtab", "__default__", None):

@@ -204,3 +204,41 @@ def test_an_unsharded_checkpoint_resumes_sharded(tmp_path, fsdp_run):
     train_tiny(tmp_path, "ddp", tmp_path / "run", 3)  # full weights, optimiser and EMA at step 2
     resumed, _ = train_tiny(tmp_path, "fsdp", tmp_path / "run")
     assert_same_tensors(fsdp_run[0], resumed, 0.0)
+
+
+def test_two_ranks_run_a_study_as_one_process_does(tmp_path):
+    """The scaling study's run on two ranks: each trains on half of every batch and scores half of every
+    evaluation; the stored result is the one process's, and a re-run on two ranks skips it on both."""
+    projects = [copy_project(tmp_path / name) for name in ("one", "two")]
+    for project in projects:  # one model on one subset, to keep the test short
+        with (project / "conf" / "tiny" / "globals.yml").open("a") as globals_file:
+            globals_file.write("scaling_models: [bit_r26]\nscaling_subsets: [p100]\n")
+    # float32 SGD at a small lr: Adam, or SGD at lr 0.1, turns rounding-level gradient differences into
+    # visible ones within a few steps (weight standardisation divides the gradients by the kernels' std)
+    sgd = "pretrain.train.mixed_precision=no,pretrain.train.optimizer=sgd,pretrain.train.lr=0.01"
+    study = ("kedro", "run", "--env", "tiny", "--pipelines", "scaling", "--params", sgd)
+    run_in(projects[0], *study)
+    run_in(projects[1], *LAUNCH_TWO_RANKS, *study, env={"ACCELERATE_USE_CPU": "1"})
+    results = [
+        json.loads(newest(p / "data/tiny/08_reporting/scaling_results.json").read_text())["rows"]
+        for p in projects
+    ]
+    assert [len(r) for r in results] == [1, 1]
+    single, distributed = results[0][0], results[1][0]
+    for key in ("steps", "pretrain_images", "pretrain_exaflops"):
+        assert distributed[key] == single[key]
+    assert [r["seed"] for r in distributed["runs"]] == [0, 1]
+    # each seed's final pretraining checkpoint: the weights of one process (GroupNorm has no batch statistics)
+    runs = "data/tiny/06_models/scaling"
+    finals = sorted(
+        p.relative_to(projects[0] / runs) for p in (projects[0] / runs).glob("*/checkpoints/*/step_*")
+    )
+    assert len(finals) == 2
+    for final in finals:
+        one, two = (load_file(p / runs / final / "model.safetensors") for p in projects)
+        for name, weight in one.items():
+            torch.testing.assert_close(two[name], weight, atol=1e-4, rtol=1e-4, msg=name)
+    again = run_in(projects[1], *LAUNCH_TWO_RANKS, *study, env={"ACCELERATE_USE_CPU": "1"})
+    # both ranks skip the finished seeds together (the main rank logs them); nothing trains
+    assert (again.stdout + again.stderr).count("finished earlier") == 2
+    assert "training R26x0.25" not in again.stdout + again.stderr

@@ -1,7 +1,9 @@
 """End to end: `kedro run --env tiny --pipelines pretrain` in a fresh copy of the project, then a resume."""
 
 import json
+import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -36,6 +38,14 @@ def project(tmp_path_factory) -> Path:
 def test_registry_lists_the_pipelines(project):
     listed = kedro(project, "registry", "list").stdout
     assert "pretrain" in listed and "__default__" in listed
+    described = kedro(project, "registry", "describe", "scaling").stdout
+    nodes = set(re.findall(r"^- (\S+) \(", described, flags=re.MULTILINE))
+    # one namespace per model and subset (globals.yml), each a group of its own in kedro viz
+    runs = {n for n in nodes if n.endswith("pretrain_and_score")}
+    expected = {
+        f"scaling.{m}.{s}.pretrain_and_score" for m in ("vit_ti", "bit_r26") for s in ("p10", "p30", "p100")
+    }
+    assert runs == expected and "scaling.report_scaling" in nodes
 
 
 def test_tiny_dedup_removes_the_leaked_test_copies(project):
@@ -73,7 +83,9 @@ def test_tiny_pretrain_runs_end_to_end_and_resumes(project):
     assert "next: kedro run --env tiny --pipelines fewshot;" in said
     summary = (out / "08_reporting" / "summary.md").read_text()
     assert (
-        headline in summary and "Not run yet: `fewshot`, `finetune`, `vtab`, `drloc`, `analysis`." in summary
+        headline in summary
+        and "Not run yet: `fewshot`, `finetune`, `vtab`, `drloc`, `scaling`, `ablations`, `analysis`."
+        in summary
     )
     for key in ("minival_accuracy", "num_classes", "steps", "train_images_per_second", "wall_seconds"):
         assert key in metrics, key
@@ -420,6 +432,77 @@ def test_the_analysis_notebook_runs_headless_from_its_own_folder(project, monkey
     ]  # the four saved figures, then the drawn one
 
 
+def test_tiny_scaling_study_pretrains_vit_and_resnet_on_nested_subsets_and_skips_finished_runs(project):
+    kedro(project, "run", "--env", "tiny", "--pipelines", "scaling")
+    out = project / "data" / "tiny"
+    results = json.loads(newest(out / "08_reporting" / "scaling_results.json").read_text())
+    rows = {(r["model"], r["subset"]): r for r in results["rows"]}
+    assert set(rows) == {(m, s) for m in ("vit_ti", "bit_r26") for s in ("p10", "p30", "p100")}
+    images = {s: rows["vit_ti", s]["pretrain_images"] for s in ("p10", "p30", "p100")}
+    train_images = json.loads((out / "08_reporting" / "pretrain_preprocess_report.json").read_text())[
+        "train_images"
+    ]
+    # conf/tiny: 25%, 50% and all of the training images, the same for both models
+    assert images == {
+        "p10": round(0.25 * train_images),
+        "p30": round(0.5 * train_images),
+        "p100": train_images,
+    }
+    assert all(rows["bit_r26", s]["pretrain_images"] == n for s, n in images.items())
+    resnet, vit = rows["bit_r26", "p100"], rows["vit_ti", "p100"]
+    assert (resnet["architecture"], resnet["variant"], vit["architecture"]) == (
+        "BiT ResNet",
+        "R26x0.25",
+        "ViT",
+    )
+    assert resnet["model_settings"] == {"image_size": 16, "variant": "R26x0.25"}  # no ViT field leaks in
+    for (_, subset), row in rows.items():
+        # epochs over the subset set the steps (conf/tiny: 1, 0.5, 0.25); compute = FLOPs per image x images seen
+        assert row["epochs"] == {"p10": 1, "p30": 0.5, "p100": 0.25}[subset]
+        assert row["steps"] == math.ceil(row["epochs"] * row["pretrain_images"] / 32)
+        flops = row["training_flops_per_image"] * row["steps"] * row["global_batch_size"]
+        assert row["pretrain_exaflops"] == pytest.approx(flops / 1e18)
+        assert [r["seed"] for r in row["runs"]] == [0, 1]
+        for run in row["runs"]:
+            assert set(run["finetune"]) == set(embedded.DOWNSTREAM_NAMES)
+            assert set(run["fewshot"]) == {f"{n}_{k}shot" for n in embedded.DOWNSTREAM_NAMES for k in (5, 10)}
+            assert all(0 <= v <= 1 for v in [run["minival_accuracy"], *run["finetune"].values()])
+        accuracies = [r["minival_accuracy"] for r in row["runs"]]
+        assert row["summary"]["minival_accuracy"]["mean"] == pytest.approx(sum(accuracies) / 2)
+    gap = results["vit_minus_resnet"]["p10"]
+    best = {m: rows[m, "p10"]["summary"]["fewshot/mean_10shot"]["mean"] for m in ("vit_ti", "bit_r26")}
+    assert gap["fewshot/mean_10shot"] == pytest.approx(best["vit_ti"] - best["bit_r26"])
+    with PIL.Image.open(newest(out / "08_reporting" / "scaling.png")) as figure:
+        assert figure.size[0] > 1200  # three panels
+    # a re-run trains nothing: every seed of every run is found finished and reported the same
+    again = kedro(project, "run", "--env", "tiny", "--pipelines", "scaling")
+    assert (again.stdout + again.stderr).count("finished earlier") == 12
+    rerun = json.loads(newest(out / "08_reporting" / "scaling_results.json").read_text())
+    assert [r["runs"] for r in rerun["rows"]] == [r["runs"] for r in results["rows"]]
+
+
+def test_tiny_ablations_score_each_arm_per_seed_and_train_equal_arms_once(project):
+    kedro(project, "run", "--env", "tiny", "--pipelines", "ablations")
+    out = project / "data" / "tiny"
+    results = json.loads(newest(out / "08_reporting" / "ablation_results.json").read_text())
+    rows = {r["arm"]: r for r in results["rows"]}
+    posembs = {rows[a]["model_settings"]["posemb"] for a in rows if a.startswith("posemb_")}
+    assert posembs == {"none", "learn", "learn2d", "sincos2d"}
+    heads = {(rows[a]["model_settings"]["pool"], rows[a]["lr"]) for a in rows if not a.startswith("posemb_")}
+    assert heads == {("tok", 1e-3), ("gap", 1e-3), ("tok", 3e-4), ("gap", 3e-4)}
+    assert all(r["steps"] == 4 for r in rows.values())  # conf/tiny: every arm the same schedule
+    # the 1-D position embedding arm is the class-token arm at lr 1e-3: trained once, the same numbers
+    assert rows["posemb_1d"]["runs"] == rows["token_lr_high"]["runs"]
+    assert len(list((out / "06_models" / "ablations").glob("*/result.json"))) == 7 * 2
+    posemb = results["groups"]["position embedding"]["fewshot/mean_10shot"]
+    means = {
+        rows[a]["label"]: rows[a]["summary"]["fewshot/mean_10shot"]["mean"] for a in rows if "posemb" in a
+    }
+    assert posemb["mean"] == pytest.approx(means) and posemb["best"] == max(means, key=means.get)
+    with PIL.Image.open(newest(out / "08_reporting" / "ablations.png")) as figure:
+        assert figure.size[0] > 1000
+
+
 def test_tiny_drloc_experiment_trains_both_arms_per_seed_and_resumes_finished_runs(project):
     kedro(project, "run", "--env", "tiny", "--pipelines", "drloc")
     out = project / "data" / "tiny"
@@ -445,7 +528,9 @@ def test_tiny_drloc_experiment_trains_both_arms_per_seed_and_resumes_finished_ru
     # By now every pipeline has run in this project: summary.md has each one's newest headline.
     summary = (out / "08_reporting" / "summary.md").read_text()
     sections = [line.removeprefix("## ") for line in summary.splitlines() if line.startswith("## ")]
-    assert sections == ["dedup", "pretrain", "fewshot", "finetune", "vtab", "drloc", "analysis"]
+    assert sections == [
+        "dedup", "pretrain", "fewshot", "finetune", "vtab", "drloc", "scaling", "ablations", "analysis"
+    ]  # fmt: skip
     assert "Not run yet" not in summary and f"with DRLoc {results['summary']['with']['mean']:.1%}" in summary
 
 

@@ -137,6 +137,15 @@ def test_build_lists_registered_pipelines(viz_build: Path, registered_pipelines:
     assert (viz_build / "api" / "pipelines" / "pretrain").is_file()
 
 
+def test_each_study_run_is_a_group_of_its_own(viz_build: Path) -> None:
+    graph = _api(viz_build, "pipelines", "scaling")
+    groups = set(graph["modular_pipelines"])  # kedro viz draws a namespace as one collapsible box
+    runs = {f"scaling.{m}.{s}" for m in ("vit_ti", "bit_r26") for s in ("p10", "p30", "p100")}
+    assert runs <= groups, groups
+    arms = _api(viz_build, "pipelines", "ablations")["modular_pipelines"]
+    assert {"ablations.posemb_none", "ablations.gap_lr_low"} <= set(arms)
+
+
 def test_build_shows_pretrain_nodes_edges_and_datasets(viz_build: Path) -> None:
     pipeline = create_pipeline()
     graph = _api(viz_build, "pipelines", "pretrain")

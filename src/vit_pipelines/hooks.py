@@ -15,9 +15,10 @@ from kedro.pipeline import Pipeline
 
 from vit_pipelines.dedup import DedupConfig
 from vit_pipelines.evaluation.fewshot import check_fewshot_params
+from vit_pipelines.evaluation.studies import check_study
 from vit_pipelines.kedro_io import ViTModelDataset, version_earlier_result
 from vit_pipelines.locks import RunLock
-from vit_pipelines.models.config import ViTConfig
+from vit_pipelines.models.config import BiTConfig, ViTConfig
 from vit_pipelines.pipelines.downstream import run_command, use_run_globals
 from vit_pipelines.summary import HEADLINES, end_of_run, folder_bytes, summary_markdown
 from vit_pipelines.training.loop import TrainConfig, process_state
@@ -52,9 +53,11 @@ class CheckOutputsWritable:
                 ) from err
 
 
-OPEN_GROUPS = ("tasks",)  # registries users extend with their own names (vtab.tasks)
+# registries users extend with their own names (vtab.tasks, the studies' models, subsets and arms)
+OPEN_GROUPS = ("tasks", "models", "subsets", "arms")
 FIELD_GROUPS = {  # groups whose keys are a dataclass's fields (the base files set only some of them)
-    "model": {f.name for f in dataclasses.fields(ViTConfig)} | {"variant"},
+    "model": {f.name for f in dataclasses.fields(ViTConfig)}
+    | {f.name for f in dataclasses.fields(BiTConfig)},
     "train": {f.name for f in dataclasses.fields(TrainConfig)},
     "drloc": {f.name for f in dataclasses.fields(DRLocConfig)},
 }
@@ -94,13 +97,16 @@ def _merge(into: dict[str, Any], new: dict[str, Any]) -> None:
 def training_configs(group: str, params: dict[str, Any]) -> list[dict[str, Any]]:
     """The training parameters a parameter group's runs will use (`lr` and `steps` from grids filled in)."""
     train = params.get("train")
-    if not isinstance(train, dict):
+    if not isinstance(train, dict) or group in STUDIES:  # a study's are overrides: `check_study` builds them
         return []
     if group == "finetune":
         return [{**train, "lr": lr} for lr in params.get("lr_grid", [])]
     if group == "vtab":
         return [{**train, **setting} for setting in params.get("settings", [])]
     return [train]
+
+
+STUDIES = ("scaling", "ablations")
 
 
 def check_group_settings(group: str, params: dict[str, Any]) -> None:
@@ -154,6 +160,8 @@ class CheckParameters:
                     except (TypeError, ValueError) as err:
                         raise ValueError(f"{group}.train: {err}") from err
                 check_group_settings(group, catalog.load(name))
+                if group in STUDIES:
+                    check_study(catalog.load("params:pretrain"), catalog.load(name), group)
 
 
 class OneRunPerDataFolder:

@@ -57,6 +57,30 @@ def _drloc(results: dict[str, Any]) -> str:
     )
 
 
+def _scaling(results: dict[str, Any]) -> str:
+    gaps = results["vit_minus_resnet"]
+    metrics = [k for k in next(iter(gaps.values()), {}) if k != "pretrain_images"]
+    names = " / ".join(m.split("/")[-1].replace("mean_", "").replace("mean", "fine-tuning") for m in metrics)
+    names = names.replace("shot", "-shot")
+    per_size = ", ".join(
+        f"{g['pretrain_images']} images " + " / ".join(f"{100 * g[m]:+.1f}" for m in metrics)
+        for g in gaps.values()
+    )
+    return f"ViT minus BiT ResNet accuracy ({names}, points): {per_size}"
+
+
+def _ablations(results: dict[str, Any]) -> str:
+    parts = []
+    for group, metrics in results["groups"].items():
+        best = [
+            f"{'minival' if m == 'minival_accuracy' else m.split('_')[-1].replace('shot', '-shot')} {v['best']} "
+            f"({v['mean'][v['best']]:.1%})"
+            for m, v in metrics.items()
+        ]
+        parts.append(f"{group}: best by " + ", by ".join(best))
+    return "; ".join(parts)
+
+
 def _analysis(numbers: dict[str, Any]) -> str:
     return (
         f"§4.5 figures of a {numbers['model']['depth']}-layer model: patch embedding, position similarity, "
@@ -72,6 +96,8 @@ HEADLINES: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "finetune_metrics": ("finetune", _finetune),
     "vtab_results": ("vtab", _vtab),
     "drloc_results": ("drloc", _drloc),
+    "scaling_results": ("scaling", _scaling),
+    "ablation_results": ("ablations", _ablations),
     "analysis_metrics": ("analysis", _analysis),
 }
 NEXT = {  # what a user runs after each pipeline

@@ -1,7 +1,8 @@
-"""Figures people look at rather than read: training curves."""
+"""Figures people look at rather than read: training curves, study results."""
 
 from __future__ import annotations
 
+import numpy as np
 from matplotlib.figure import Figure
 
 
@@ -101,3 +102,79 @@ def plot_drloc_comparison(runs: list[dict]) -> Figure:
         ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def plot_scaling(rows: list[dict], shots: str) -> Figure:
+    """The paper's Fig. 3-5 for a `scaling` study: minival, fine-tuning and linear few-shot accuracy (the last
+    two a mean over the downstream sets) against pretraining images, and the same few-shot accuracy against
+    pretraining exaFLOPs; one line per model, error bars one standard deviation over seeds.
+
+    Each row needs `model`, `pretrain_images`, `pretrain_exaflops` and `summary` ({metric: {mean, std}});
+    `shots` names the few-shot metric (`fewshot/mean_10shot`)."""
+    k = shots.removeprefix("fewshot/mean_").removesuffix("shot")
+    panels = [
+        ("minival_accuracy", "pretrain_images", "held-out pretraining accuracy"),
+        ("finetune/mean", "pretrain_images", "fine-tuning accuracy (Fig. 3)"),
+        (shots, "pretrain_images", f"linear {k}-shot accuracy (Fig. 4)"),
+        (shots, "pretrain_exaflops", f"{k}-shot accuracy against compute (Fig. 5)"),
+    ]
+    panels = [p for p in panels if p[0] in rows[0]["summary"]]
+    fig = Figure(figsize=(4.6 * len(panels), 4))
+    for ax, (metric, x, title) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
+        for model in dict.fromkeys(r["model"] for r in rows):
+            line = sorted((r for r in rows if r["model"] == model), key=lambda r: r[x])
+            ax.errorbar(
+                [r[x] for r in line],
+                [r["summary"][metric]["mean"] for r in line],
+                yerr=[r["summary"][metric]["std"] for r in line],
+                marker="o",
+                capsize=3,
+                label=f"{model} ({line[0]['variant']})",
+            )
+        ax.set_xscale("log")
+        ax.tick_params(axis="x", which="minor", labelbottom=False)  # labelled minor ticks overlap
+        xlabel = "pretraining images" if x == "pretrain_images" else "pretraining compute (exaFLOPs)"
+        ylabel = "accuracy" if metric == "minival_accuracy" else "accuracy, mean over downstream sets"
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_ablations(rows: list[dict], shots: str) -> Figure:
+    """One panel per ablation group (position embedding: Table 8; head and learning rate: Fig. 9): per arm, the
+    minival and the linear few-shot accuracy as bars (mean over seeds), every seed as a dot.
+
+    Each row needs `group`, `label`, `summary` ({metric: {mean, std}}) and `runs` (per seed); `shots` names the
+    few-shot metric (`fewshot/mean_10shot`)."""
+    k = shots.removeprefix("fewshot/mean_").removesuffix("shot")
+    metrics = [("minival_accuracy", "minival"), (shots, f"{k}-shot, mean over sets")]
+    groups = list(dict.fromkeys(r["group"] for r in rows))
+    fig = Figure(
+        figsize=(1.6 * max(len([r for r in rows if r["group"] == g]) for g in groups) * len(groups) + 2, 4)
+    )
+    for ax, group in zip(fig.subplots(1, len(groups), squeeze=False)[0], groups, strict=True):
+        arms = [r for r in rows if r["group"] == group]
+        for j, (metric, name) in enumerate(metrics):
+            at = np.arange(len(arms)) + (j - 0.5) * 0.38
+            ax.bar(at, [a["summary"][metric]["mean"] for a in arms], width=0.36, label=name, alpha=0.8)
+            for x, arm in zip(at, arms, strict=True):
+                values = [_run_metric(run, metric) for run in arm["runs"]]
+                ax.plot([x] * len(values), values, "k.", ms=4)
+        ax.set_xticks(range(len(arms)), [a["label"] for a in arms], rotation=15, fontsize=8)
+        ax.set(ylabel="accuracy", title=f"{group} (dots: seeds)")
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _run_metric(run: dict, metric: str) -> float:
+    """A summary metric's value in one seed's run (`fewshot/mean_5shot` averages that seed's sets)."""
+    if metric == "minival_accuracy":
+        return run[metric]
+    kind, name = metric.split("/")
+    if name == "mean" or name.startswith("mean_"):
+        return float(np.mean([v for k, v in run[kind].items() if k.endswith(name[4:])]))
+    return run[kind][name]

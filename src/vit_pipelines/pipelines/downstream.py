@@ -47,7 +47,9 @@ def run_globals(conf_source: str | Path = "conf", env: str | None = None) -> dic
     return dict(OmegaConfigLoader(str(conf_source), env=env, **CONFIG_LOADER_ARGS)["globals"])
 
 
-def _names_from_globals(key: str, default: list[str], conf_source: str | Path, env: str | None) -> list[str]:
+def names_from_globals(
+    key: str, default: list[str], conf_source: str | Path = "conf", env: str | None = None
+) -> list[str]:
     """`key` of the run's globals; `default` where no globals file sets it."""
     names = run_globals(conf_source, env).get(key)
     if names is None:
@@ -61,12 +63,12 @@ def _names_from_globals(key: str, default: list[str], conf_source: str | Path, e
 
 def downstream_datasets(conf_source: str | Path = "conf", env: str | None = None) -> list[str]:
     """`downstream_datasets` of the run's globals; the embedded sets outside a project."""
-    return _names_from_globals("downstream_datasets", list(DOWNSTREAM_NAMES), conf_source, env)
+    return names_from_globals("downstream_datasets", list(DOWNSTREAM_NAMES), conf_source, env)
 
 
 def vtab_tasks(conf_source: str | Path = "conf", env: str | None = None) -> list[str]:
     """`vtab_tasks` of the run's globals; the embedded stand-in suite outside a project."""
-    return _names_from_globals("vtab_tasks", list(DOWNSTREAM_NAMES), conf_source, env)
+    return names_from_globals("vtab_tasks", list(DOWNSTREAM_NAMES), conf_source, env)
 
 
 def downstream_split(name: str, split: str) -> str:
