@@ -25,7 +25,6 @@ from report import machine, print_table, write_json
 from vit_pipelines.data import embedded
 from vit_pipelines.data.cache import cache_images
 from vit_pipelines.data.loader import train_loader
-from vit_pipelines.pipelines.pretrain.nodes import build_model
 from vit_pipelines.training.loop import TrainConfig, make_accelerator
 
 PARAMETERS = Path(__file__).resolve().parents[1] / "conf" / "base" / "parameters_pretrain.yml"
@@ -45,7 +44,7 @@ def model_images_per_second(params: dict[str, Any], cache, batch: int, steps: in
     """The default pretrain model's training step (objective, its optimiser, clipping) under the default precision,
     set up as `train` sets it up (fused AdamW, glibc keeping freed memory)."""
     config = TrainConfig.from_params(params["train"])
-    model = build_model(params["model"], 1000, config.loss, config.seed)
+    model = config.build_model(params["model"], 1000)
     objective = config.build_objective(model)
     accelerator = make_accelerator(config.mixed_precision)
     optimizer = config.build_optimizer(objective, accelerator.device)

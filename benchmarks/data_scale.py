@@ -45,7 +45,6 @@ from vit_pipelines.data.loader import CachedImages
 from vit_pipelines.data.ops import PP_OPS, _inception_box
 from vit_pipelines.data.sources import load_image_dataset
 from vit_pipelines.models import VisionTransformer, ViTConfig
-from vit_pipelines.pipelines.pretrain.nodes import build_model
 from vit_pipelines.training.loop import TrainConfig, train
 
 PARAMETERS = Path(__file__).resolve().parents[1] / "conf" / "base" / "parameters_pretrain.yml"
@@ -188,7 +187,7 @@ def run(images: int = 2000, sample: int = 300, steps: int = 9) -> dict[str, Any]
     params = yaml.safe_load(PARAMETERS.read_text())["pretrain"]
     default_cache, _ = cache_images(embedded.build_pretrain(4096), params["data"]["pp_cache"])
     default = TrainConfig.from_params({**params["train"], "steps": 60, "log_every": 20, "eval_every": 0})
-    model = build_model(params["model"], 40, default.loss, default.seed)
+    model = default.build_model(params["model"], 40)
     default_wait = data_wait(model, default_cache, default)
     return {
         "benchmark": "data_scale",

@@ -78,9 +78,15 @@ def test_the_summary_has_the_mean_and_spread_over_seeds_of_every_score():
         },
     ]
     summary = summarise(runs)
-    assert summary["minival_accuracy"] == pytest.approx({"mean": 0.45, "std": 0.0707107}, rel=1e-5)
-    assert summary["fewshot/mean_5shot"] == pytest.approx({"mean": 0.4, "std": 0.1414214}, rel=1e-5)
-    assert summary["finetune/mean"] == pytest.approx({"mean": 0.6, "std": 0.0})
+    expected = {
+        "minival_accuracy": (0.45, 0.0707107, [0.4, 0.5]),
+        "fewshot/mean_5shot": (0.4, 0.1414214, [0.3, 0.5]),
+        "finetune/mean": (0.6, 0.0, [0.6, 0.6]),
+    }
+    for metric, (mean, std, values) in expected.items():
+        assert summary[metric]["mean"] == pytest.approx(mean, rel=1e-5)
+        assert summary[metric]["std"] == pytest.approx(std, rel=1e-5, abs=1e-12)
+        assert summary[metric]["values"] == pytest.approx(values)  # per seed, for the figures
     assert summary["finetune/a"]["mean"] == pytest.approx(0.55)
 
 

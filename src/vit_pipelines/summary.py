@@ -7,6 +7,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from vit_pipelines.evaluation.plots import metric_label
+
 
 def _dedup(report: dict[str, Any]) -> str:
     bands = report.get("bands", {})
@@ -60,8 +62,7 @@ def _drloc(results: dict[str, Any]) -> str:
 def _scaling(results: dict[str, Any]) -> str:
     gaps = results["vit_minus_resnet"]
     metrics = [k for k in next(iter(gaps.values()), {}) if k != "pretrain_images"]
-    names = " / ".join(m.split("/")[-1].replace("mean_", "").replace("mean", "fine-tuning") for m in metrics)
-    names = names.replace("shot", "-shot")
+    names = " / ".join(metric_label(m) for m in metrics)
     per_size = ", ".join(
         f"{g['pretrain_images']} images " + " / ".join(f"{100 * g[m]:+.1f}" for m in metrics)
         for g in gaps.values()
@@ -72,11 +73,7 @@ def _scaling(results: dict[str, Any]) -> str:
 def _ablations(results: dict[str, Any]) -> str:
     parts = []
     for group, metrics in results["groups"].items():
-        best = [
-            f"{'minival' if m == 'minival_accuracy' else m.split('_')[-1].replace('shot', '-shot')} {v['best']} "
-            f"({v['mean'][v['best']]:.1%})"
-            for m, v in metrics.items()
-        ]
+        best = [f"{metric_label(m)} {v['best']} ({v['mean'][v['best']]:.1%})" for m, v in metrics.items()]
         parts.append(f"{group}: best by " + ", by ".join(best))
     return "; ".join(parts)
 

@@ -104,6 +104,16 @@ def plot_drloc_comparison(runs: list[dict]) -> Figure:
     return fig
 
 
+def metric_label(metric: str) -> str:
+    """A study summary's metric as people say it: `minival_accuracy` → minival, `finetune/mean` → fine-tuning,
+    `fewshot/mean_10shot` → 10-shot."""
+    if metric == "minival_accuracy":
+        return "minival"
+    if metric == "finetune/mean":
+        return "fine-tuning"
+    return metric.removeprefix("fewshot/mean_").removesuffix("shot") + "-shot"
+
+
 def plot_scaling(rows: list[dict], shots: str) -> Figure:
     """The paper's Fig. 3-5 for a `scaling` study: minival, fine-tuning and linear few-shot accuracy (the last
     two a mean over the downstream sets) against pretraining images, and the same few-shot accuracy against
@@ -111,12 +121,11 @@ def plot_scaling(rows: list[dict], shots: str) -> Figure:
 
     Each row needs `model`, `pretrain_images`, `pretrain_exaflops` and `summary` ({metric: {mean, std}});
     `shots` names the few-shot metric (`fewshot/mean_10shot`)."""
-    k = shots.removeprefix("fewshot/mean_").removesuffix("shot")
     panels = [
         ("minival_accuracy", "pretrain_images", "held-out pretraining accuracy"),
         ("finetune/mean", "pretrain_images", "fine-tuning accuracy (Fig. 3)"),
-        (shots, "pretrain_images", f"linear {k}-shot accuracy (Fig. 4)"),
-        (shots, "pretrain_exaflops", f"{k}-shot accuracy against compute (Fig. 5)"),
+        (shots, "pretrain_images", f"linear {metric_label(shots)} accuracy (Fig. 4)"),
+        (shots, "pretrain_exaflops", f"{metric_label(shots)} accuracy against compute (Fig. 5)"),
     ]
     panels = [p for p in panels if p[0] in rows[0]["summary"]]
     fig = Figure(figsize=(4.6 * len(panels), 4))
@@ -146,10 +155,9 @@ def plot_ablations(rows: list[dict], shots: str) -> Figure:
     """One panel per ablation group (position embedding: Table 8; head and learning rate: Fig. 9): per arm, the
     minival and the linear few-shot accuracy as bars (mean over seeds), every seed as a dot.
 
-    Each row needs `group`, `label`, `summary` ({metric: {mean, std}}) and `runs` (per seed); `shots` names the
+    Each row needs `group`, `label`, `summary` ({metric: {mean, std, values}}); `shots` names the
     few-shot metric (`fewshot/mean_10shot`)."""
-    k = shots.removeprefix("fewshot/mean_").removesuffix("shot")
-    metrics = [("minival_accuracy", "minival"), (shots, f"{k}-shot, mean over sets")]
+    metrics = [("minival_accuracy", "minival"), (shots, f"{metric_label(shots)}, mean over sets")]
     groups = list(dict.fromkeys(r["group"] for r in rows))
     fig = Figure(
         figsize=(1.6 * max(len([r for r in rows if r["group"] == g]) for g in groups) * len(groups) + 2, 4)
@@ -160,7 +168,7 @@ def plot_ablations(rows: list[dict], shots: str) -> Figure:
             at = np.arange(len(arms)) + (j - 0.5) * 0.38
             ax.bar(at, [a["summary"][metric]["mean"] for a in arms], width=0.36, label=name, alpha=0.8)
             for x, arm in zip(at, arms, strict=True):
-                values = [_run_metric(run, metric) for run in arm["runs"]]
+                values = arm["summary"][metric]["values"]
                 ax.plot([x] * len(values), values, "k.", ms=4)
         ax.set_xticks(range(len(arms)), [a["label"] for a in arms], rotation=15, fontsize=8)
         ax.set(ylabel="accuracy", title=f"{group} (dots: seeds)")
@@ -168,13 +176,3 @@ def plot_ablations(rows: list[dict], shots: str) -> Figure:
         ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
-
-
-def _run_metric(run: dict, metric: str) -> float:
-    """A summary metric's value in one seed's run (`fewshot/mean_5shot` averages that seed's sets)."""
-    if metric == "minival_accuracy":
-        return run[metric]
-    kind, name = metric.split("/")
-    if name == "mean" or name.startswith("mean_"):
-        return float(np.mean([v for k, v in run[kind].items() if k.endswith(name[4:])]))
-    return run[kind][name]

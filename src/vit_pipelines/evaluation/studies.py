@@ -28,7 +28,8 @@ from vit_pipelines.data.cache import cache_images, num_classes
 from vit_pipelines.evaluation.classification import evaluate_accuracy
 from vit_pipelines.evaluation.fewshot import cache_fewshot_sets, fewshot_accuracies, pp_for_size
 from vit_pipelines.evaluation.finetune import finetune_and_test
-from vit_pipelines.models.build import Classifier, build_classifier
+from vit_pipelines.fields import check_known_names
+from vit_pipelines.models.build import Classifier
 from vit_pipelines.models.resnet import BiTResNet
 from vit_pipelines.models.surgery import for_finetuning
 from vit_pipelines.training.loop import (
@@ -39,7 +40,6 @@ from vit_pipelines.training.loop import (
     steps_for_epochs,
     train,
 )
-from vit_pipelines.training.losses import SIGMOID_HEAD_BIAS
 from vit_pipelines.workers import writer_id
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ STUDY_KEYS = {
 def study_settings(pretrain: dict[str, Any], study: dict[str, Any]) -> dict[str, Any]:
     """A study's settings: `pretrain`'s model, training, evaluation and few-shot probe, under the study's own
     `train` and `fewshot` overrides (every arm is pretrained the way `kedro run --pipelines pretrain` would)."""
-    check_known_fields_of(study, STUDY_KEYS, "study")
+    check_known_names(study, STUDY_KEYS, "study parameters")
     return {
         **study,
         "model": pretrain["model"],
@@ -103,8 +103,8 @@ def arm_settings(
     variant, a BiT ResNet or another ViT size, keeps only the study's image size). The steps cover
     `subset["epochs"]` over its `rows` where given (the paper trains longer on less data), else the study's; the
     warmup takes at most half of them."""
-    check_known_fields_of(arm, {"model", "train", "group", "label"}, "arm")
-    check_known_fields_of(subset, {"fraction", "epochs"}, "subset")
+    check_known_names(arm, {"model", "train", "group", "label"}, "arm parameters")
+    check_known_names(subset, {"fraction", "epochs"}, "subset parameters")
     overrides = arm.get("model") or {}
     base = study["model"]
     if overrides.get("variant", base["variant"]) != base["variant"]:  # another model: only the image size
@@ -114,12 +114,6 @@ def arm_settings(
         train_params["steps"] = steps_for_epochs(subset["epochs"], rows, train_params["batch_size"])
     train_params["warmup_steps"] = min(train_params.get("warmup_steps", 0), train_params["steps"] // 2)
     return {"model": {**base, **overrides}, "train": train_params}
-
-
-def check_known_fields_of(values: dict[str, Any], known: set[str], what: str) -> None:
-    unknown = set(values) - known
-    if unknown:
-        raise ValueError(f"unknown {what} parameters {sorted(unknown)}; known: {sorted(known)}")
 
 
 def run_arm(
@@ -141,13 +135,10 @@ def run_arm(
     pretrain_images = train_cache.select(rows)
     names = sorted({key.rsplit("_", 1)[0] for key in downstream})
     classes = num_classes(train_cache)
-    runs = []
+    runs, sets = [], None
     for seed in study["seeds"]:
         config = TrainConfig.from_params({**settings["train"], "seed": seed})
-        model_params = dict(settings["model"])
-        if config.loss == "sigmoid":
-            model_params.setdefault("head_bias_init", SIGMOID_HEAD_BIAS)
-        model = build_classifier(model_params, classes, seed)
+        model = config.build_model(settings["model"], classes)
         key = _run_key(study, settings, seed, pretrain_images, names)
         folder = Path(study["runs_dir"]) / key
         stored = folder / "result.json"
@@ -164,7 +155,8 @@ def run_arm(
             checkpoint_dir=folder / "checkpoints",
             description=f"{model.config.variant} on {len(rows)} images, seed {seed}",
         )
-        scores = score(result.model, minival, downstream, names, study, folder)
+        sets = sets or transfer_sets(downstream, names, study, model.config.image_size)  # once per arm
+        scores = score(result.model, minival, sets, study, folder)
         run = {
             "seed": seed,
             **scores,
@@ -206,58 +198,69 @@ def run_arm(
     }
 
 
+def transfer_sets(
+    downstream: dict[str, datasets.Dataset], names: list[str], study: dict[str, Any], size: tuple[int, int]
+) -> dict[str, dict[str, tuple[datasets.Dataset, datasets.Dataset]]]:
+    """Every downstream set decoded for a model of `size`: `fewshot` (pool, test) pairs and, with
+    `study["finetune"]`, `finetune` (train, test) caches."""
+    probe, tune = study["fewshot"], study.get("finetune")
+    raw = {n: (downstream[f"{n}_train"], downstream[f"{n}_test"]) for n in names}
+    sets = {
+        "fewshot": cache_fewshot_sets(
+            raw, pp_for_size(probe["pp_cache"], size), probe.get("max_train_per_class")
+        )
+    }
+    if tune:
+        pp_cache = pp_for_size(tune["pp_cache"], size)
+        sets["finetune"] = {
+            n: (cache_images(train, pp_cache)[0], cache_images(test, pp_cache)[0])
+            for n, (train, test) in raw.items()
+        }
+    return sets
+
+
 def score(
     model: Classifier,
     minival: datasets.Dataset,
-    downstream: dict[str, datasets.Dataset],
-    names: list[str],
+    sets: dict[str, dict[str, tuple[datasets.Dataset, datasets.Dataset]]],
     study: dict[str, Any],
     folder: Path,
 ) -> dict[str, Any]:
-    """Minival accuracy; few-shot accuracy per set and shot count; with `study["finetune"]`, the fine-tuned test
-    accuracy per set (the head replaced by a zero-initialised one, at the pretraining resolution)."""
-    evaluation, probe = study["eval"], study["fewshot"]
+    """Minival accuracy; few-shot accuracy per set and shot count on `sets["fewshot"]`; with
+    `study["finetune"]`, the fine-tuned test accuracy per set of `sets["finetune"]` (the head replaced by a
+    zero-initialised one, at the pretraining resolution)."""
+    evaluation, probe, tune = study["eval"], study["fewshot"], study.get("finetune")
     out: dict[str, Any] = {
         "minival_accuracy": evaluate_accuracy(model, minival, evaluation["pp"], evaluation["batch_size"])
     }
-    sets = cache_fewshot_sets(
-        {n: (downstream[f"{n}_train"], downstream[f"{n}_test"]) for n in names},
-        pp_for_size(probe["pp_cache"], model.config.image_size),
-        probe.get("max_train_per_class"),
+    accuracies = fewshot_accuracies(
+        model, sets["fewshot"], probe["pp"], probe["shots"], probe["seeds"], probe["l2_reg"]
     )
-    accuracies = fewshot_accuracies(model, sets, probe["pp"], probe["shots"], probe["seeds"], probe["l2_reg"])
     out["fewshot"] = {k.removesuffix("_accuracy"): v for k, v in accuracies.items()}
-    tune = study.get("finetune")
     if tune:
         out["finetune"] = {}
+        size = model.config.image_size
         config = TrainConfig.from_params(tune["train"])
-        pp_cache = pp_for_size(tune["pp_cache"], model.config.image_size)
-        pp_eval = pp_for_size(tune["eval"]["pp"], model.config.image_size)
-        for name in names:
-            train_cache = cache_images(downstream[f"{name}_train"], pp_cache)[0]
-            test_cache = cache_images(downstream[f"{name}_test"], pp_cache)[0]
-            start = for_finetuning(model, model.config.image_size, num_classes(train_cache))
+        config = dataclasses.replace(config, pp_train=pp_for_size(config.pp_train, size))
+        for name, (train_cache, test_cache) in sets["finetune"].items():
+            start = for_finetuning(model, size, num_classes(train_cache))
             _, scores = finetune_and_test(
                 start,
                 train_cache,
                 test_cache,
-                dataclasses.replace(config, pp_train=pp_for_size(config.pp_train, model.config.image_size)),
-                pp_eval,
+                config,
+                pp_for_size(tune["eval"]["pp"], size),
                 tune["eval"]["batch_size"],
                 folder / "finetune" / name,
             )
-            best = (
-                scores["test_accuracy_ema"]
-                if scores["test_accuracy_ema"] is not None
-                else scores["test_accuracy"]
-            )
-            out["finetune"][name] = best
+            ema = scores["test_accuracy_ema"]
+            out["finetune"][name] = ema if ema is not None else scores["test_accuracy"]
     return out
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean and standard deviation over seeds of minival accuracy, of each few-shot and fine-tuning score, and
-    of their averages over the downstream sets (the paper's "average 5-shot" of Fig. 4)."""
+    """Mean, standard deviation and per-seed values of minival accuracy, of each few-shot and fine-tuning score,
+    and of their averages over the downstream sets (the paper's "average 5-shot" of Fig. 4)."""
     columns: dict[str, list[float]] = {"minival_accuracy": [r["minival_accuracy"] for r in runs]}
     for kind in ("fewshot", "finetune"):
         if kind not in runs[0]:
@@ -271,7 +274,11 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
             statistics.fmean(v for k, v in r["fewshot"].items() if k.endswith(f"_{shots}")) for r in runs
         ]
     return {
-        name: {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+        name: {
+            "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "values": values,
+        }
         for name, values in columns.items()
     }
 
@@ -328,8 +335,8 @@ def check_study(pretrain: dict[str, Any], study: dict[str, Any], name: str) -> N
         for subset_name, subset in subsets.items():
             try:
                 values = arm_settings(settings, arm, subset, rows=1000)
-                TrainConfig.from_params(values["train"])
+                config = TrainConfig.from_params(values["train"])
                 with torch.device("meta"):  # the config is checked, no memory is spent
-                    build_classifier(values["model"], classes=2)
+                    config.build_model(values["model"], classes=2)
             except (TypeError, ValueError) as err:
                 raise ValueError(f"{name} arm {arm_name!r} ({subset_name}): {err}") from err

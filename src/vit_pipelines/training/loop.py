@@ -43,7 +43,9 @@ from tqdm.auto import tqdm
 from vit_pipelines.data.cache import MANIFEST, read_manifest
 from vit_pipelines.data.loader import resolve_num_workers, train_loader
 from vit_pipelines.fields import check_known_fields
+from vit_pipelines.models.build import Classifier, build_classifier
 from vit_pipelines.models.vit import VisionTransformer
+from vit_pipelines.training.losses import SIGMOID_HEAD_BIAS
 from vit_pipelines.training.objectives import (
     Classification,
     DRLocConfig,
@@ -163,6 +165,13 @@ class TrainConfig:
             check_known_fields(DRLocConfig, values["drloc"], "drloc parameters")
             values["drloc"] = DRLocConfig(**values["drloc"])
         return cls(**values)
+
+    def build_model(self, model_params: dict[str, Any], classes: int) -> Classifier:
+        """`build_classifier(model_params, classes, self.seed)`, its head bias set for these settings' `loss`."""
+        overrides = dict(model_params)
+        if self.loss == "sigmoid":
+            overrides.setdefault("head_bias_init", SIGMOID_HEAD_BIAS)
+        return build_classifier(overrides, classes, self.seed)
 
     def build_objective(self, model: VisionTransformer) -> Classification | MaskedPatchPrediction:
         """The objective these settings name (`objective`, `loss`, `label_smoothing`, `drloc`), wrapping `model`."""

@@ -12,7 +12,6 @@ from matplotlib.figure import Figure
 from vit_pipelines.data.cache import num_classes
 from vit_pipelines.evaluation.classification import evaluate_accuracy
 from vit_pipelines.evaluation.plots import plot_drloc_comparison
-from vit_pipelines.pipelines.pretrain.nodes import build_model
 from vit_pipelines.training.loop import TrainConfig, train
 
 log = logging.getLogger(__name__)
@@ -36,7 +35,7 @@ def compare_drloc(
             name = f"{'with' if drloc else 'without'} DRLoc, seed {seed}"
             params = {**pretrain["train"], "seed": seed, "drloc": drloc, "eval_every": 0}
             config = TrainConfig.from_params(params)
-            model = build_model(pretrain["model"], num_classes(train_cache), config.loss, seed)
+            model = config.build_model(pretrain["model"], num_classes(train_cache))
             result = train(
                 model, train_cache, config, checkpoint_dir=experiment["checkpoint_dir"], description=name
             )

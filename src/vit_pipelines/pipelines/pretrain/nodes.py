@@ -24,9 +24,8 @@ from vit_pipelines.evaluation.classification import HeldOutAccuracy, evaluate_ac
 from vit_pipelines.evaluation.fewshot import FewshotProbe, cache_fewshot_sets, pp_for_size
 from vit_pipelines.evaluation.plots import plot_curves
 from vit_pipelines.models import VisionTransformer
-from vit_pipelines.models.build import Classifier, build_classifier, is_bit_variant
+from vit_pipelines.models.build import is_bit_variant
 from vit_pipelines.training.loop import TrainConfig, make_accelerator, process_state, shares_per_rank, train
-from vit_pipelines.training.losses import SIGMOID_HEAD_BIAS
 from vit_pipelines.training.objectives import MASKED_PATCH_CLASSES
 
 log = logging.getLogger(__name__)
@@ -83,17 +82,6 @@ def report_cache(train: datasets.Dataset, minival: datasets.Dataset) -> dict[str
     return report
 
 
-def build_model(
-    model_params: dict[str, Any], classes: int, loss: str = "softmax", seed: int = 0
-) -> Classifier:
-    """`{"variant": "Ti/4", "image_size": 32, **overrides}` → a model for `classes` (`build_classifier`), its
-    head bias set for the `loss`."""
-    overrides = dict(model_params)
-    if loss == "sigmoid":
-        overrides.setdefault("head_bias_init", SIGMOID_HEAD_BIAS)
-    return build_classifier(overrides, classes, seed)
-
-
 def pretrain(
     train_cache: datasets.Dataset,
     minival: datasets.Dataset,
@@ -112,7 +100,7 @@ def pretrain(
             "the transfer pipelines; BiT ResNets train and transfer in `kedro run --pipelines scaling`"
         )
     classes = MASKED_PATCH_CLASSES if config.objective == "masked_patch" else num_classes(train_cache)
-    model = build_model(params["model"], classes, config.loss, config.seed)
+    model = config.build_model(params["model"], classes)
     objective = config.build_objective(model)
     pp_eval, eval_batch = params["eval"]["pp"], params["eval"]["batch_size"]
     probe = params.get("fewshot") or {}
